@@ -1,0 +1,50 @@
+# The two commands of the README: `make run` and `make test`.  Everything they need is
+# installed here: a virtualenv in .venv with the project and its extras, and the Debian
+# packages the tests use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the test suite needs (none yet beyond Python itself).
+TEST_DEBS :=
+RUN_HOME ?= .run/demo
+RUN_PASSPHRASE ?= leapmail-demo
+
+.PHONY: all test run bench docs clean debs
+
+all: test
+
+$(STAMP): setup.cfg setup.py pyproject.toml
+	@# Debian's Python needs python3-venv for `-m venv` to work.
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) \
+	    || { rm -rf $(VENV); tools/ensure-debian-packages python3-venv; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[test,docs]'
+	@# twistd finds plugins in twisted/plugins/ of any sys.path entry; an editable
+	@# install does not copy ours there, so point sys.path at the source tree's copy.
+	$(BIN)/python -c 'import sysconfig, os; open(os.path.join(sysconfig.get_paths()["purelib"], "leapmail-twistd-plugins.pth"), "w").write(os.path.abspath("twistd-plugins") + "\n")'
+	touch $@
+
+debs:
+	@tools/ensure-debian-packages $(TEST_DEBS)
+
+test: $(STAMP) debs
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+run: $(STAMP)
+	@mkdir -p $(dir $(RUN_HOME))
+	@test -f $(RUN_HOME)/secrets.json || LEAPMAIL_PASSPHRASE='$(RUN_PASSPHRASE)' \
+	    $(BIN)/leapmail init --home $(RUN_HOME) --address demo@localhost
+	@echo "account home: $(RUN_HOME)   passphrase: $(RUN_PASSPHRASE)"
+	@echo "The store is open; IMAP (port 1984) and SMTP (port 2013) arrive with the next issues."
+	LEAPMAIL_PASSPHRASE='$(RUN_PASSPHRASE)' $(BIN)/twistd -n --pidfile= leapmail --home $(RUN_HOME)
+
+clean:
+	rm -rf $(VENV) docs/_build .run .pytest_cache build *.egg-info

@@ -1,0 +1,87 @@
+"""The ``leapmail`` command.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit status,
+never a traceback.
+"""
+
+import argparse
+import sys
+
+from leapmail.errors import LeapmailError
+from leapmail.home import Home, default_home
+from leapmail.passphrase import NEW_ENV, read_passphrase
+
+
+def _init(args):
+    home = Home(args.home)
+    passphrase = read_passphrase("New passphrase: ", confirm=True)
+    home.create(passphrase, args.address)
+    print(f"created the account {args.address} in {home.path}")
+
+
+def _passwd(args):
+    home = Home(args.home)
+    old = read_passphrase("Current passphrase: ")
+    new = read_passphrase("New passphrase: ", env=NEW_ENV, confirm=True)
+    home.change_passphrase(old, new)
+    print(f"passphrase changed for {home.path}")
+
+
+def _check(args):
+    home = Home(args.home)
+    bundle = home.unlock(read_passphrase())
+    database = home.open_database(bundle)
+    try:
+        problems = database.verify()
+    finally:
+        database.close()
+    if problems:
+        for problem in problems[:20]:
+            print(f"{database.path}: {problem}", file=sys.stderr)
+        raise LeapmailError(
+            f"{database.path} is damaged ({len(problems)} problems); restore it from a backup"
+        )
+    print(f"{database.path}: ok")
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    # Accepted before or after the command: 'leapmail --home D init' and 'leapmail init --home D'.
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="account directory (default: $LEAPMAIL_HOME or ~/.local/share/leapmail)")
+    parser = argparse.ArgumentParser(
+        prog="leapmail", parents=[common],
+        description="Local IMAP/SMTP over an end-to-end encrypted store. The passphrase "
+        "is read from $LEAPMAIL_PASSPHRASE, else asked for on the terminal.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser("init", parents=[common], help="create an account")
+    p.add_argument("--address", required=True, help="the account's mail address")
+    p.set_defaults(run=_init)
+    p = commands.add_parser("passwd", parents=[common],
+                            help=f"change the passphrase (new one from ${NEW_ENV} or a prompt)")
+    p.set_defaults(run=_passwd)
+    p = commands.add_parser("check", parents=[common],
+                            help="verify every page of the store (reads the whole file)")
+    p.set_defaults(run=_check)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "home"):
+        args.home = default_home()
+    try:
+        args.run(args)
+    except LeapmailError as e:
+        print(f"leapmail: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("leapmail: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Key derivation and the secrets bundle (per-document AEAD and sealed boxes come later)."""
+
+from leapmail.crypto.bundle import (
+    BundleCorrupted,
+    BundleError,
+    SecretsBundle,
+    WrongPassphrase,
+    seal,
+    unseal,
+)
+from leapmail.crypto.kdf import ScryptParams, UnsupportedKDF
+
+__all__ = [
+    "BundleCorrupted",
+    "BundleError",
+    "ScryptParams",
+    "SecretsBundle",
+    "UnsupportedKDF",
+    "WrongPassphrase",
+    "seal",
+    "unseal",
+]

@@ -1,0 +1,88 @@
+"""An account's home directory: the sealed secrets bundle and the encrypted store.
+
+Layout (the directory is 0700, every file in it 0600)::
+
+    secrets.json    the secrets bundle, sealed under the passphrase
+    config.json     non-secret settings (the account address)
+    store.db        the SQLCipher store, keyed with the bundle's storage key
+    store.db-wal, store.db-shm, store.db.lock   SQLite's WAL files and our lock
+"""
+
+import json
+import os
+
+from leapmail.crypto import SecretsBundle, seal, unseal
+from leapmail.errors import LeapmailError
+from leapmail.fsutil import atomic_write
+from leapmail.store import Database, Store
+
+
+class HomeError(LeapmailError):
+    pass
+
+
+def default_home():
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.environ.get("LEAPMAIL_HOME") or os.path.join(base, "leapmail")
+
+
+class Home:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.secrets_path = os.path.join(self.path, "secrets.json")
+        self.config_path = os.path.join(self.path, "config.json")
+        self.store_path = os.path.join(self.path, "store.db")
+
+    def __repr__(self):
+        return f"<Home {self.path}>"
+
+    def exists(self):
+        return os.path.exists(self.secrets_path)
+
+    def create(self, passphrase, address):
+        """Create an account, or finish one whose creation was interrupted."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        if self.exists():
+            bundle = self.unlock(passphrase)
+            if os.path.exists(self.store_path):
+                raise HomeError(f"{self.path} already holds an account; nothing was changed")
+        else:
+            bundle = SecretsBundle.generate()
+            atomic_write(self.config_path, _json({"address": address}))
+            atomic_write(self.secrets_path, seal(bundle, passphrase))
+        Database.open(self.store_path, bundle.storage_key, create=True).close()
+        return bundle
+
+    def config(self):
+        try:
+            with open(self.config_path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            raise HomeError(f"{self.config_path} is not valid JSON; fix or remove it") from None
+
+    def unlock(self, passphrase):
+        try:
+            with open(self.secrets_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise HomeError(
+                f"no account in {self.path}: create one with 'leapmail init --home {self.path}'"
+            ) from None
+        return unseal(data, passphrase, path=self.secrets_path)
+
+    def change_passphrase(self, old, new):
+        """Re-seal the bundle under ``new``; the store and its keys stay as they are."""
+        bundle = self.unlock(old)
+        atomic_write(self.secrets_path, seal(bundle, new))
+
+    def open_database(self, bundle, components=()):
+        return Database.open(self.store_path, bundle.storage_key, components)
+
+    def open_store(self, bundle, components=(), reactor=None):
+        return Store.open(self.store_path, bundle.storage_key, components, reactor=reactor)
+
+
+def _json(value):
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8")

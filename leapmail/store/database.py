@@ -1,0 +1,280 @@
+"""Opening a SQLCipher store file: create, lock, validate, migrate — and connections to it.
+
+Everything here is blocking; :mod:`leapmail.store.store` runs it off the reactor.
+
+Choices that matter for safety:
+
+- The database is keyed with the raw 256-bit storage key (``PRAGMA key = "x'…'"``), not
+  a passphrase, so SQLCipher skips its own PBKDF2 and every connection opens at once.
+  The first 16 bytes of the file are SQLCipher's random salt and every page is encrypted
+  and authenticated, so the file carries no SQLite header and reads as random bytes.
+- ``journal_mode=WAL`` (set when the file is created; it is persistent) lets readers on
+  their own connections run beside the single writer.
+- ``synchronous=FULL``: in WAL mode ``NORMAL`` survives a crash of the process but may
+  lose the last commits on power loss, because the WAL is not fsynced at each commit.  We
+  acknowledge a write only when it is durable, so we pay one fsync per commit and win
+  the throughput back with group commit (the writer commits many queued jobs at once).
+- A separate lock file (``flock``) keeps a second daemon out.  The kernel releases it when
+  the process dies, even by ``kill -9``, so a stale lock never needs manual cleanup.
+"""
+
+import errno
+import fcntl
+import os
+
+import sqlcipher3
+
+from leapmail.store.errors import (
+    NotAStore,
+    StoreCorrupted,
+    StoreError,
+    StoreIOError,
+    StoreLocked,
+    StoreMissing,
+    StoreTooNew,
+    StoreUnreadable,
+)
+from leapmail.fsutil import fsync_dir
+
+#: ``PRAGMA application_id`` of our files: "LMai".
+APPLICATION_ID = 0x4C4D6169
+PAGE_SIZE = 4096
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+
+
+def classify(path, exc):
+    """Turn a driver exception into a :class:`StoreError` a user can act on."""
+    if isinstance(exc, StoreError):
+        return exc
+    message = str(exc)
+    lowered = message.lower()
+    if "file is not a database" in lowered:
+        return StoreUnreadable(path)
+    if "malformed" in lowered or "corrupt" in lowered:
+        return StoreCorrupted(path, message)
+    if "disk" in lowered or "full" in lowered or "readonly" in lowered or "i/o" in lowered:
+        return StoreIOError(path, message)
+    return None
+
+
+def connect(path, key, *, driver=sqlcipher3, readonly=False):
+    """A configured connection to an existing store file.  The key is not checked here."""
+    conn = driver.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+    try:
+        if driver is sqlcipher3:
+            # A wrong key is reported by us, with the file's name; SQLCipher's own log
+            # lines on stderr would only alarm.
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA cache_size = -4000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+    except Exception:
+        conn.close()
+        raise
+    return conn
+
+
+class _LockFile:
+    """An exclusive ``flock`` on ``<db>.lock``; the file names the holder's pid."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self, db_path):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLocked(db_path, holder if holder.isdigit() else None) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            # The file stays: unlinking a lock file races with the next opener.
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Database:
+    """An open, validated, locked and migrated store file.
+
+    ``components`` are :class:`~leapmail.store.schema.SchemaComponent` objects, each with
+    its own versioned migrations (the store core, then the mail core, ...).
+    """
+
+    def __init__(self, path, key, components, driver, lock):
+        self.path = path
+        self._key = key
+        self.components = components
+        self.driver = driver
+        self._lock = lock
+
+    def __repr__(self):
+        return f"<Database {self.path}>"
+
+    @classmethod
+    def open(cls, path, key, components=(), *, create=False, driver=sqlcipher3):
+        from leapmail.store.schema import CORE
+
+        path = os.path.abspath(path)
+        components = (CORE, *[c for c in components if c is not CORE])
+        if not os.path.exists(path) and not create:
+            raise StoreMissing(path)
+        lock = _LockFile(path + ".lock")
+        lock.acquire(path)
+        try:
+            if not os.path.exists(path):
+                _create(path, key, driver)
+            else:
+                _precheck(path)
+            db = cls(path, key, components, driver, lock)
+            db._validate_and_migrate()
+        except BaseException:
+            lock.release()
+            raise
+        return db
+
+    def connect(self, readonly=False):
+        try:
+            return connect(self.path, self._key, driver=self.driver, readonly=readonly)
+        except self.driver.Error as e:
+            raise classify(self.path, e) or e
+
+    def close(self):
+        self._lock.release()
+
+    def verify(self):
+        """Check every page: authentication (HMAC) and B-tree structure.  O(file size).
+
+        Returns a list of problems, empty when the file is sound.
+        """
+        conn = self.connect(readonly=True)
+        problems = []
+        try:
+            if self.driver is sqlcipher3:
+                problems += [row[0] for row in conn.execute("PRAGMA cipher_integrity_check")]
+            problems += [
+                row[0] for row in conn.execute("PRAGMA quick_check") if row[0] != "ok"
+            ]
+        except self.driver.DatabaseError as e:
+            problems.append(str(e))
+        finally:
+            conn.close()
+        return problems
+
+    def _validate_and_migrate(self):
+        conn = self.connect()
+        try:
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+            except self.driver.DatabaseError as e:
+                raise classify(self.path, e) or StoreUnreadable(self.path) from None
+            if app_id != APPLICATION_ID:
+                raise NotAStore(self.path, "it is a database of another application")
+            if mode != "wal":
+                raise NotAStore(self.path, f"journal mode is {mode!r}, ours is 'wal'")
+            _check_length(self.path, page_count)
+            from leapmail.store.schema import migrate
+
+            try:
+                migrate(self, conn)
+            except self.driver.Error as e:
+                raise classify(self.path, e) or e
+        finally:
+            conn.close()
+
+
+def _precheck(path):
+    """Cheap checks on the raw file before the driver touches it."""
+    if not os.path.isfile(path):
+        raise NotAStore(path, "it is not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise NotAStore(path, "the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head == SQLITE_MAGIC:
+        raise NotAStore(path, "it is an unencrypted SQLite database")
+    if size % PAGE_SIZE:
+        raise StoreCorrupted(
+            path,
+            f"its size, {size} bytes, is not a whole number of {PAGE_SIZE}-byte pages: it "
+            "was truncated, or is not a leapmail store",
+        )
+
+
+def _check_length(path, page_count):
+    """Catch truncation on a page boundary: pages the header counts must exist somewhere.
+
+    Pages written since the last checkpoint may live only in the WAL, so the file may
+    legitimately be shorter than ``page_count`` by at most the WAL's frame count.
+    """
+    file_pages = os.path.getsize(path) // PAGE_SIZE
+    try:
+        wal_size = os.path.getsize(path + "-wal")
+    except FileNotFoundError:
+        wal_size = 0
+    wal_frames = max(0, wal_size - _WAL_HEADER) // (PAGE_SIZE + _WAL_FRAME_HEADER)
+    if page_count > file_pages + wal_frames:
+        raise StoreCorrupted(
+            path, f"truncated: {file_pages} pages on disk, {page_count} expected"
+        )
+
+
+def _create(path, key, driver):
+    """Create a new store so that a crash leaves either nothing or a complete file."""
+    from leapmail.store.schema import CORE
+
+    tmp = path + ".creating"
+    for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+        # Only ever written under the lock we hold, by a creation that did not finish.
+        try:
+            os.unlink(leftover)
+        except FileNotFoundError:
+            pass
+    # Created 0600 before SQLite opens it; SQLite gives the WAL the same mode.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    conn = connect(tmp, key, driver=driver)
+    try:
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise StoreIOError(path, "the file system does not support WAL mode")
+        conn.execute("BEGIN IMMEDIATE")
+        CORE.bootstrap(conn)
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def known_versions(components):
+    return {c.name: len(c.migrations) for c in components}
+
+
+def check_not_newer(path, stored, components):
+    known = known_versions(components)
+    for name, version in stored.items():
+        if name in known and version > known[name]:
+            raise StoreTooNew(path, name, version, known[name])

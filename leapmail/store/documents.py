@@ -1,0 +1,216 @@
+"""Documents, the reads and writes on them, and the group-committing batch runner.
+
+These classes run on a store thread with a connection that thread owns; the reactor
+sees them only through :class:`leapmail.store.store.Store`.
+"""
+
+import json
+from dataclasses import dataclass
+
+from leapmail.store.errors import KindMismatch, RevisionConflict
+
+#: Kinds the store itself writes.
+BLOB_KIND = "blob"
+
+_COLUMNS = "id, kind, rev, gen, deleted, content"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One revision of a document.  ``content`` is ``None`` for a tombstone."""
+
+    id: str
+    kind: str
+    rev: int
+    gen: int
+    content: bytes = None
+    deleted: bool = False
+
+    def json(self):
+        return json.loads(self.content)
+
+    @classmethod
+    def _from_row(cls, row):
+        doc_id, kind, rev, gen, deleted, content = row
+        return cls(doc_id, kind, rev, gen, None if content is None else bytes(content), bool(deleted))
+
+
+class Queries:
+    """Reads shared by readers and the writer (which also sees its own uncommitted work)."""
+
+    def __init__(self, conn, path):
+        self.conn = conn
+        self.path = path
+
+    def execute(self, sql, params=()):
+        """Run SQL on this connection: how typed tables of other layers are queried."""
+        return self.conn.execute(sql, params)
+
+    def get(self, doc_id, include_deleted=False):
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM documents WHERE id = ?", (doc_id,)
+        ).fetchone()
+        if row is None or (row[4] and not include_deleted):
+            return None
+        return Document._from_row(row)
+
+    def get_many(self, doc_ids, include_deleted=False):
+        """Documents by id, as a dict; missing ids are absent.  Batched to bound SQL size."""
+        found = {}
+        ids = list(doc_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT {_COLUMNS} FROM documents WHERE id IN ({marks})", chunk
+            ):
+                if include_deleted or not row[4]:
+                    found[row[0]] = Document._from_row(row)
+        return found
+
+    def changes_since(self, generation, limit=1000):
+        """Documents (tombstones included) written after ``generation``, oldest first."""
+        return [
+            Document._from_row(row)
+            for row in self.conn.execute(
+                f"SELECT {_COLUMNS} FROM documents WHERE gen > ? ORDER BY gen LIMIT ?",
+                (generation, limit),
+            )
+        ]
+
+    def generation(self):
+        return int(
+            self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        )
+
+    def count(self, kind=None):
+        if kind is None:
+            sql, params = "SELECT count(*) FROM documents WHERE deleted = 0", ()
+        else:
+            sql, params = "SELECT count(*) FROM documents WHERE deleted = 0 AND kind = ?", (kind,)
+        return self.conn.execute(sql, params).fetchone()[0]
+
+
+class Transaction(Queries):
+    """The writes of one atomic job.  Everything it does commits together or not at all."""
+
+    def __init__(self, conn, path, counter, indexers):
+        super().__init__(conn, path)
+        self._counter = counter
+        self._indexers = indexers
+
+    def put(self, doc_id, kind, content, expected_rev=None):
+        """Write a new revision.  ``expected_rev=0`` means "must not exist yet"."""
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise TypeError("document content must be bytes")
+        old = self.get(doc_id, include_deleted=True)
+        self._check(doc_id, old, kind, expected_rev)
+        new = Document(
+            doc_id, kind, (old.rev if old else 0) + 1, self._counter.advance(), bytes(content)
+        )
+        self._write(old, new)
+        return new
+
+    def put_json(self, doc_id, kind, value, expected_rev=None):
+        data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        return self.put(doc_id, kind, data, expected_rev)
+
+    def delete(self, doc_id, expected_rev=None):
+        """Replace a document by a tombstone (kept so sync can replicate the deletion)."""
+        old = self.get(doc_id, include_deleted=True)
+        if old is None or old.deleted:
+            if expected_rev not in (None, 0):
+                raise RevisionConflict(self.path, doc_id, expected_rev, old.rev if old else 0)
+            return None
+        self._check(doc_id, old, old.kind, expected_rev)
+        new = Document(doc_id, old.kind, old.rev + 1, self._counter.advance(), None, True)
+        self._write(old, new)
+        return new
+
+    def _check(self, doc_id, old, kind, expected_rev):
+        current = old.rev if old and not old.deleted else 0
+        if expected_rev is not None and expected_rev != current:
+            raise RevisionConflict(self.path, doc_id, expected_rev, current)
+        if old is not None and old.kind != kind:
+            raise KindMismatch(self.path, doc_id, old.kind, kind)
+
+    def _write(self, old, new):
+        self.conn.execute(
+            "INSERT INTO documents (id, kind, rev, gen, deleted, content) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "rev = excluded.rev, gen = excluded.gen, deleted = excluded.deleted, "
+            "content = excluded.content",
+            (new.id, new.kind, new.rev, new.gen, int(new.deleted), new.content),
+        )
+        for indexer in self._indexers.get(new.kind, ()):
+            indexer(self, old if old and not old.deleted else None, new)
+
+
+class GenerationCounter:
+    """The last generation handed out; owned by the single writer."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def advance(self):
+        self.value += 1
+        return self.value
+
+
+class Committer:
+    """Runs jobs ``fn(txn, *args)`` in batches: one savepoint per job, one commit per batch.
+
+    Group commit: every job of a batch becomes durable with one fsync, and a job that
+    fails rolls back alone.  A job's result is reported only after the commit succeeded.
+    """
+
+    def __init__(self, conn, path, indexers, classify):
+        self.conn = conn
+        self.path = path
+        self.indexers = indexers
+        self.classify = classify
+        self.counter = GenerationCounter(Queries(conn, path).generation())
+
+    def run_batch(self, jobs):
+        """``jobs`` is a list of ``(fn, args)``; returns a list of ``(ok, result_or_exc)``."""
+        conn = self.conn
+        start = self.counter.value
+        outcomes = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as e:
+            return [(False, self._classified(e))] * len(jobs)
+        for fn, args in jobs:
+            saved = self.counter.value
+            conn.execute("SAVEPOINT job")
+            try:
+                result = fn(Transaction(conn, self.path, self.counter, self.indexers), *args)
+            except Exception as e:
+                self.counter.value = saved
+                if not conn.in_transaction:
+                    # The driver aborted the whole transaction (disk full, I/O error):
+                    # every job of the batch is lost, including those that had succeeded.
+                    self.counter.value = start
+                    failure = self._classified(e)
+                    return [(False, failure)] * len(jobs)
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                outcomes.append((False, self._classified(e)))
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((True, result))
+        try:
+            if self.counter.value != start:
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'generation'", (self.counter.value,)
+                )
+            conn.execute("COMMIT")
+        except Exception as e:
+            self.counter.value = start
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return [(False, self._classified(e))] * len(jobs)
+        return outcomes
+
+    def _classified(self, exc):
+        return self.classify(exc) or exc
