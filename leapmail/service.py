@@ -11,6 +11,7 @@ from twisted.python import usage
 from leapmail.errors import LeapmailError
 from leapmail.home import Home, default_home
 from leapmail.passphrase import read_passphrase
+from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
 
 
@@ -38,6 +39,7 @@ class StoreService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
+        freeze_startup_heap()
         self.store = Store(self.database)
         self.log.info("store {path} open", path=self.database.path)
 

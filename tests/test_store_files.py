@@ -255,3 +255,13 @@ def test_lock_is_released_by_kill_9(db_path, key):
     holder.kill()
     holder.wait(30)
     Database.open(db_path, key).close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_and_close_without_writes_change_no_byte(tmp_path, db_path, key):
+    _make_store(db_path, key, docs=100)
+    before = snapshot(tmp_path)
+    s = Store.open(db_path, key)
+    assert (await s.get("d7")).rev == 1
+    await s.close()
+    assert snapshot(tmp_path) == before

@@ -113,6 +113,7 @@ class BlobWriter:
         self._pending = defer.succeed(None)
         self._closed = False
         self._failure = None
+        self._owned = False
 
     def write(self, data):
         if self._closed:
@@ -128,8 +129,15 @@ class BlobWriter:
 
     def _submit(self, chunk):
         self._pending = self._store.transact(_write_chunk, self.id, self._seq, chunk)
+        if self._seq == 0:
+            self._pending.addCallback(self._claimed)
         self._pending.addErrback(self._record_failure)
         self._seq += 1
+
+    def _claimed(self, _):
+        # Chunk 0 registered the blob as ours: only now may abort() delete chunks,
+        # never those of an existing blob that happens to have the same id.
+        self._owned = True
 
     def _record_failure(self, failure):
         if self._failure is None:
@@ -166,10 +174,17 @@ class BlobWriter:
         )
         return result
 
+    @defer.inlineCallbacks
     def abort(self):
+        """Drop whatever this writer committed; the blob never appears."""
         self._closed = True
         self._buffer = bytearray()
-        return self._store.transact(_abort, self.id)
+        try:
+            yield self._wait()
+        except Exception:
+            pass
+        if self._owned:
+            yield self._store.transact(_abort, self.id)
 
 
 class BlobReader:

@@ -70,7 +70,9 @@ def connect(path, key, *, driver=sqlcipher3, readonly=False):
             conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute("PRAGMA cache_size = -4000")
+        # 2 MB of page cache per connection (writer + readers): big blobs stream through
+        # the cache, and a larger one would hold their pages for nothing.
+        conn.execute("PRAGMA cache_size = -2000")
         conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
             conn.execute("PRAGMA query_only = ON")

@@ -1,0 +1,163 @@
+"""The leapmail command and the twistd plugin, as real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+PASS = "a passphrase for tests"
+
+
+def leapmail(*args, passphrase=PASS, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAPMAIL_")}
+    if passphrase is not None:
+        env["LEAPMAIL_PASSPHRASE"] = passphrase
+    env.update(extra_env or {})
+    return subprocess.run(
+        [os.path.join(BIN, "leapmail"), *args], capture_output=True, env=env,
+        stdin=subprocess.DEVNULL, timeout=120,
+    )
+
+
+def assert_clean_failure(result, expected_stderr):
+    assert result.returncode == 1, result
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.decode() == expected_stderr
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = str(tmp_path / "acct")
+    result = leapmail("init", "--home", path, "--address", "me@example.org")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == f"created the account me@example.org in {path}\n"
+    return path
+
+
+def test_init_creates_a_private_home(home):
+    assert os.stat(home).st_mode & 0o777 == 0o700
+    assert sorted(os.listdir(home)) == ["config.json", "secrets.json", "store.db", "store.db.lock"]
+    for name in os.listdir(home):
+        assert os.stat(os.path.join(home, name)).st_mode & 0o777 == 0o600, name
+    for name in os.listdir(home):
+        with open(os.path.join(home, name), "rb") as f:
+            assert PASS.encode() not in f.read()
+
+
+def test_init_refuses_an_existing_account(home):
+    before = {n: open(os.path.join(home, n), "rb").read() for n in ("secrets.json", "store.db")}
+    result = leapmail("--home", home, "init", "--address", "other@example.org")
+    assert_clean_failure(result, f"leapmail: {home} already holds an account; nothing was changed\n")
+    assert before == {n: open(os.path.join(home, n), "rb").read() for n in before}
+
+
+def test_check_ok_and_wrong_passphrase(home):
+    result = leapmail("--home", home, "check")
+    assert result.returncode == 0
+    assert result.stdout.decode() == f"{home}/store.db: ok\n"
+    result = leapmail("check", "--home", home, passphrase="not it")
+    assert_clean_failure(result, f"leapmail: wrong passphrase for {home}/secrets.json\n")
+
+
+def test_no_passphrase_without_a_terminal(home):
+    result = leapmail("--home", home, "check", passphrase=None)
+    assert_clean_failure(
+        result, "leapmail: no passphrase: set LEAPMAIL_PASSPHRASE or run from a terminal\n"
+    )
+
+
+def test_missing_account(tmp_path):
+    path = str(tmp_path / "nothing")
+    result = leapmail("--home", path, "check")
+    assert_clean_failure(
+        result, f"leapmail: no account in {path}: create one with 'leapmail init --home {path}'\n"
+    )
+
+
+def test_passwd(home):
+    result = leapmail("--home", home, "passwd", extra_env={"LEAPMAIL_NEW_PASSPHRASE": "new words"})
+    assert result.returncode == 0, result.stderr
+    assert leapmail("--home", home, "check", passphrase="new words").returncode == 0
+    result = leapmail("--home", home, "check")
+    assert_clean_failure(result, f"leapmail: wrong passphrase for {home}/secrets.json\n")
+
+
+def test_check_reports_a_damaged_page(home):
+    # Grow the store so that a page in the middle exists, then damage it.
+    script = (
+        "import sys; from leapmail.home import Home; from leapmail.store.database import connect;"
+        "h = Home(sys.argv[1]); b = h.unlock(sys.argv[2]); db = h.open_database(b);"
+        "c = db.connect(); c.execute('BEGIN');"
+        "[c.execute('INSERT INTO documents (id, kind, rev, gen, content) VALUES (?, ?, 1, ?, ?)',"
+        " (f'd{i}', 'n', i + 1, bytes(300))) for i in range(1000)];"
+        "c.execute('COMMIT'); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close(); db.close()"
+    )
+    subprocess.run([sys.executable, "-c", script, home, PASS], check=True)
+    path = os.path.join(home, "store.db")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek((size // 4096 // 2) * 4096 + 500)
+        f.write(b"\xff" * 8)
+    result = leapmail("--home", home, "check")
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert f"{path}: HMAC verification failed for page {size // 4096 // 2 + 1}\n" in err
+    assert err.endswith("restore it from a backup\n")
+    assert "Traceback" not in err
+
+
+def test_twistd_lists_the_plugin():
+    result = subprocess.run([os.path.join(BIN, "twistd"), "--help"], capture_output=True)
+    assert result.returncode == 0
+    assert b"leapmail " in result.stdout
+
+
+def twistd(home, passphrase=PASS):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAPMAIL_")}
+    env["LEAPMAIL_PASSPHRASE"] = passphrase
+    return subprocess.Popen(
+        [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile=-", "leapmail", "--home", home],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+    )
+
+
+def test_daemon_wrong_passphrase_exits_cleanly(home):
+    daemon = twistd(home, passphrase="wrong")
+    out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 1
+    assert b"Traceback" not in out + err
+    assert err.decode() == f"leapmail: wrong passphrase for {home}/secrets.json\n"
+
+
+def test_daemon_holds_the_store_and_releases_it_on_stop(home):
+    daemon = twistd(home)
+    try:
+        for line in daemon.stdout:
+            if b"store " in line and b" open" in line:
+                break
+        else:
+            pytest.fail(daemon.stderr.read().decode())
+        result = leapmail("--home", home, "check")
+        assert_clean_failure(
+            result,
+            f"leapmail: {home}/store.db is in use by another running leapmail (pid {daemon.pid}). "
+            "Stop that process first; only one daemon may open an account at a time.\n",
+        )
+        second = twistd(home)
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        assert b"Traceback" not in out + err
+        assert b"is in use by another running leapmail" in err
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=60)
+    # twistd shuts down cleanly, then re-raises the signal so its exit status tells why.
+    assert daemon.returncode == -signal.SIGTERM
+    assert b"Server Shut Down." in out
+    assert b"Traceback" not in out + err
+    assert leapmail("--home", home, "check").returncode == 0
+    # A clean stop folds the WAL back into the file.
+    assert not os.path.exists(os.path.join(home, "store.db-wal"))
