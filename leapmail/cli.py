@@ -30,7 +30,8 @@ def _passwd(args):
 def _check(args):
     home = Home(args.home)
     bundle = home.unlock(read_passphrase())
-    database = home.open_database(bundle)
+    # Look without touching: no migration, no sweep, before the file is known sound.
+    database = home.open_database(bundle, upgrade=False)
     try:
         problems = database.verify()
     finally:
@@ -48,7 +49,8 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     # Accepted before or after the command: 'leapmail --home D init' and 'leapmail init --home D'.
     common.add_argument("--home", default=argparse.SUPPRESS,
-                        help="account directory (default: $LEAPMAIL_HOME or ~/.local/share/leapmail)")
+                        help="account directory (default: $LEAPMAIL_HOME, else "
+                        "$XDG_DATA_HOME/leapmail, else ~/.local/share/leapmail)")
     parser = argparse.ArgumentParser(
         prog="leapmail", parents=[common],
         description="Local IMAP/SMTP over an end-to-end encrypted store. The passphrase "

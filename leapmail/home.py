@@ -1,6 +1,6 @@
 """An account's home directory: the sealed secrets bundle and the encrypted store.
 
-Layout (the directory is 0700, every file in it 0600)::
+Layout (``init`` creates the directory 0700 and every file in it 0600)::
 
     secrets.json    the secrets bundle, sealed under the passphrase
     config.json     non-secret settings (the account address)
@@ -46,6 +46,12 @@ class Home:
             bundle = self.unlock(passphrase)
             if os.path.exists(self.store_path):
                 raise HomeError(f"{self.path} already holds an account; nothing was changed")
+        elif os.path.exists(self.store_path):
+            raise HomeError(
+                f"{self.store_path} exists but {self.secrets_path} does not: without its "
+                "secrets the store cannot be opened, and init will not replace them. "
+                "Restore secrets.json from a backup, or choose an empty directory."
+            )
         else:
             bundle = SecretsBundle.generate()
             atomic_write(self.config_path, _json({"address": address}))
@@ -77,8 +83,8 @@ class Home:
         bundle = self.unlock(old)
         atomic_write(self.secrets_path, seal(bundle, new))
 
-    def open_database(self, bundle, components=()):
-        return Database.open(self.store_path, bundle.storage_key, components)
+    def open_database(self, bundle, components=(), upgrade=True):
+        return Database.open(self.store_path, bundle.storage_key, components, upgrade=upgrade)
 
     def open_store(self, bundle, components=(), reactor=None):
         return Store.open(self.store_path, bundle.storage_key, components, reactor=reactor)

@@ -39,6 +39,8 @@ class StoreService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
+        # twistd may have forked since makeService locked the store: name the real holder.
+        self.database.claim()
         freeze_startup_heap()
         self.store = Store(self.database)
         self.log.info("store {path} open", path=self.database.path)

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -161,3 +162,44 @@ def test_daemon_holds_the_store_and_releases_it_on_stop(home):
     assert leapmail("--home", home, "check").returncode == 0
     # A clean stop folds the WAL back into the file.
     assert not os.path.exists(os.path.join(home, "store.db-wal"))
+
+
+def test_init_will_not_write_beside_a_store_without_secrets(tmp_path):
+    path = tmp_path / "acct"
+    path.mkdir()
+    (path / "store.db").write_bytes(b"\x01" * 8192)
+    result = leapmail("init", "--home", str(path), "--address", "me@example.org")
+    assert_clean_failure(
+        result,
+        f"leapmail: {path}/store.db exists but {path}/secrets.json does not: without its "
+        "secrets the store cannot be opened, and init will not replace them. Restore "
+        "secrets.json from a backup, or choose an empty directory.\n",
+    )
+    assert sorted(os.listdir(path)) == ["store.db"]
+
+
+def test_detached_daemon_names_itself_in_the_lock(home, tmp_path):
+    """Without -n, twistd forks after makeService: the lock must name the daemon."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAPMAIL_")}
+    env["LEAPMAIL_PASSPHRASE"] = PASS
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    subprocess.run(
+        [os.path.join(BIN, "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}",
+         "leapmail", "--home", home],
+        check=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
+    )
+    pid = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 60
+        while b"store " not in (logfile.read_bytes() if logfile.exists() else b""):
+            assert time.monotonic() < deadline, "daemon never opened its store"
+            time.sleep(0.05)  # polling the log for a condition, not a guess at timing
+        result = leapmail("--home", home, "check")
+        assert result.returncode == 1
+        assert f"in use by another running leapmail (pid {pid})" in result.stderr.decode()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while os.path.exists(pidfile):
+            assert time.monotonic() < deadline, "daemon did not stop"
+            time.sleep(0.05)

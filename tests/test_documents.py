@@ -207,3 +207,24 @@ async def test_component_tables_follow_documents_and_migrate(db_path, key):
     )
     assert versions == {"schema.store": 1, "schema.notes": 2}
     await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writer_survives_a_job_that_breaks_the_transaction(store):
+    def rogue(txn):
+        txn.put("lost", "n", b"x")
+        txn.execute("ROLLBACK")  # ends the batch's transaction under the writer's feet
+
+    def fatal(txn):
+        raise SystemExit("not an Exception")
+
+    results = await defer.DeferredList(
+        [store.put("neighbour", "n", b"1"), store.transact(rogue)], consumeErrors=True
+    )
+    assert [ok for ok, _ in results] == [False, False]
+    with pytest.raises(SystemExit):
+        await store.transact(fatal)
+    # The writer lives on, and the lost batch left nothing and consumed no generation.
+    doc = await store.put("after", "n", b"2")
+    assert doc.gen == 1
+    assert sorted(await store.get_many(["neighbour", "lost", "after"])) == ["after"]

@@ -265,3 +265,24 @@ async def test_open_and_close_without_writes_change_no_byte(tmp_path, db_path, k
     assert (await s.get("d7")).rev == 1
     await s.close()
     assert snapshot(tmp_path) == before
+
+
+def test_refused_file_with_a_crash_leftover_wal_is_not_checkpointed(tmp_path, db_path, key):
+    """A newer schema written into a WAL by a writer that died: the WAL must survive."""
+    _make_store(db_path, key, docs=50)
+    script = (
+        "import os, sys, sqlcipher3\n"
+        "c = sqlcipher3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute(f\"PRAGMA key = \\\"x'{sys.argv[2]}'\\\"\")\n"
+        "c.execute(\"UPDATE meta SET value = 9 WHERE key = 'schema.store'\")\n"
+        "c.execute(\"INSERT INTO documents (id, kind, rev, gen, content) VALUES ('w', 'n', 1, 999, x'00')\")\n"
+        "os._exit(0)\n"  # dies without closing: the commit lives only in the WAL
+    )
+    subprocess.run([sys.executable, "-c", script, db_path, key.hex()], check=True)
+    assert os.path.getsize(db_path + "-wal") > 0
+    before = {n: h for n, h in snapshot(tmp_path).items() if not n.endswith("-shm")}
+    for _ in range(2):
+        with pytest.raises(StoreTooNew):
+            Database.open(db_path, key)
+    after = {n: h for n, h in snapshot(tmp_path).items() if not n.endswith("-shm")}
+    assert after == before

@@ -98,8 +98,8 @@ def read_range(queries, blob_id, offset, length):
 class BlobWriter:
     """Streams bytes into a new blob from the reactor thread.
 
-    ``write()`` returns a Deferred that fires once the data is safely handed to the
-    writer; callers that wait for it keep memory bounded to about two chunks.
+    ``write()`` returns a Deferred that fires once every full chunk buffered so far
+    has committed; callers that wait for it keep memory bounded to about two chunks.
     """
 
     def __init__(self, store, blob_id=None, chunk_size=CHUNK_SIZE):

@@ -21,6 +21,7 @@ Choices that matter for safety:
 import errno
 import fcntl
 import os
+import urllib.parse
 
 import sqlcipher3
 
@@ -60,8 +61,19 @@ def classify(path, exc):
 
 
 def connect(path, key, *, driver=sqlcipher3, readonly=False):
-    """A configured connection to an existing store file.  The key is not checked here."""
-    conn = driver.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+    """A configured connection to an existing store file.  The key is not checked here.
+
+    ``readonly`` opens the file read-only (``mode=ro``), not merely ``query_only``:
+    such a connection never checkpoints the WAL into the file when it closes, so
+    looking at a file we end up refusing cannot change it.
+    """
+    if readonly:
+        target, uri = "file:" + urllib.parse.quote(path) + "?mode=ro", True
+    else:
+        target, uri = path, False
+    conn = driver.connect(
+        target, isolation_level=None, check_same_thread=False, timeout=60, uri=uri
+    )
     try:
         if driver is sqlcipher3:
             # A wrong key is reported by us, with the file's name; SQLCipher's own log
@@ -74,8 +86,6 @@ def connect(path, key, *, driver=sqlcipher3, readonly=False):
         # the cache, and a larger one would hold their pages for nothing.
         conn.execute("PRAGMA cache_size = -2000")
         conn.execute("PRAGMA foreign_keys = ON")
-        if readonly:
-            conn.execute("PRAGMA query_only = ON")
     except Exception:
         conn.close()
         raise
@@ -99,9 +109,12 @@ class _LockFile:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreLocked(db_path, holder if holder.isdigit() else None) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self.fd = fd
+        self.record_pid()
+
+    def record_pid(self):
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def release(self):
         if self.fd is not None:
@@ -129,7 +142,13 @@ class Database:
         return f"<Database {self.path}>"
 
     @classmethod
-    def open(cls, path, key, components=(), *, create=False, driver=sqlcipher3):
+    def open(cls, path, key, components=(), *, create=False, upgrade=True, driver=sqlcipher3):
+        """Open a store file, refusing anything that is not a sound store of this key.
+
+        Validation only reads (through a read-only connection); nothing is written
+        before the file has passed.  ``upgrade=False`` also skips migrations and the
+        sweep of unfinished blobs, for tools that must look without touching.
+        """
         from leapmail.store.schema import CORE
 
         path = os.path.abspath(path)
@@ -144,11 +163,17 @@ class Database:
             else:
                 _precheck(path)
             db = cls(path, key, components, driver, lock)
-            db._validate_and_migrate()
+            db._validate()
+            if upgrade:
+                db._upgrade()
         except BaseException:
             lock.release()
             raise
         return db
+
+    def claim(self):
+        """Record this process as the lock holder (after a daemon forked away from us)."""
+        self._lock.record_pid()
 
     def connect(self, readonly=False):
         try:
@@ -164,7 +189,7 @@ class Database:
 
         Returns a list of problems, empty when the file is sound.
         """
-        conn = self.connect(readonly=True)
+        conn = self._inspecting_connection()
         problems = []
         try:
             if self.driver is sqlcipher3:
@@ -178,27 +203,44 @@ class Database:
             conn.close()
         return problems
 
-    def _validate_and_migrate(self):
-        conn = self.connect()
+    def _inspecting_connection(self):
+        """A connection for looking at a file not yet known to be sound.
+
+        If a WAL is present (the last writer crashed), closing a writable connection
+        would checkpoint it into the file, so we read through a read-only one.  With no
+        WAL a writable connection changes nothing, and tidies away the WAL and shm
+        files that SQLite creates on open — which a read-only one would leave behind.
+        """
+        return self.connect(readonly=os.path.exists(self.path + "-wal"))
+
+    def _validate(self):
+        from leapmail.store.schema import check_versions
+
+        conn = self._inspecting_connection()
         try:
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-                page_count = conn.execute("PRAGMA page_count").fetchone()[0]
-            except self.driver.DatabaseError as e:
-                raise classify(self.path, e) or StoreUnreadable(self.path) from None
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            page_count = conn.execute("PRAGMA page_count").fetchone()[0]
             if app_id != APPLICATION_ID:
                 raise NotAStore(self.path, "it is a database of another application")
             if mode != "wal":
                 raise NotAStore(self.path, f"journal mode is {mode!r}, ours is 'wal'")
             _check_length(self.path, page_count)
-            from leapmail.store.schema import migrate
+            check_versions(self, conn)
+        except self.driver.DatabaseError as e:
+            raise classify(self.path, e) or StoreUnreadable(self.path) from None
+        finally:
+            conn.close()
 
-            try:
-                migrate(self, conn)
-            except self.driver.Error as e:
-                raise classify(self.path, e) or e
+    def _upgrade(self):
+        from leapmail.store.schema import upgrade
+
+        conn = self.connect()
+        try:
+            upgrade(self, conn)
+        except self.driver.Error as e:
+            raise classify(self.path, e) or e
         finally:
             conn.close()
 

@@ -172,14 +172,30 @@ class Committer:
         self.counter = GenerationCounter(Queries(conn, path).generation())
 
     def run_batch(self, jobs):
-        """``jobs`` is a list of ``(fn, args)``; returns a list of ``(ok, result_or_exc)``."""
-        conn = self.conn
+        """``jobs`` is a list of ``(fn, args)``; returns a list of ``(ok, result_or_exc)``.
+
+        Never raises: whatever goes wrong, every job gets an outcome, so no caller
+        waits forever and the writer thread lives on.
+        """
         start = self.counter.value
-        outcomes = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except Exception as e:
-            return [(False, self._classified(e))] * len(jobs)
+            return self._run(jobs, start)
+        except BaseException as e:
+            # The batch as a whole is lost (disk full, I/O error, a broken savepoint,
+            # a failed commit): including the jobs that had succeeded inside it.
+            self.counter.value = start
+            try:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            cause = e.cause if isinstance(e, _BatchLost) else e
+            return [(False, self._classified(cause))] * len(jobs)
+
+    def _run(self, jobs, start):
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes = []
         for fn, args in jobs:
             saved = self.counter.value
             conn.execute("SAVEPOINT job")
@@ -188,29 +204,25 @@ class Committer:
             except Exception as e:
                 self.counter.value = saved
                 if not conn.in_transaction:
-                    # The driver aborted the whole transaction (disk full, I/O error):
-                    # every job of the batch is lost, including those that had succeeded.
-                    self.counter.value = start
-                    failure = self._classified(e)
-                    return [(False, failure)] * len(jobs)
+                    raise _BatchLost(e) from e
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
                 outcomes.append((False, self._classified(e)))
             else:
                 conn.execute("RELEASE job")
                 outcomes.append((True, result))
-        try:
-            if self.counter.value != start:
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'generation'", (self.counter.value,)
-                )
-            conn.execute("COMMIT")
-        except Exception as e:
-            self.counter.value = start
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return [(False, self._classified(e))] * len(jobs)
+        if self.counter.value != start:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (self.counter.value,))
+        conn.execute("COMMIT")
         return outcomes
 
     def _classified(self, exc):
         return self.classify(exc) or exc
+
+
+class _BatchLost(Exception):
+    """A job's error that also aborted the enclosing transaction."""
+
+    def __init__(self, cause):
+        super().__init__(str(cause))
+        self.cause = cause

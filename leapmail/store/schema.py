@@ -107,14 +107,19 @@ def stored_versions(conn):
     }
 
 
-def migrate(db, conn):
-    """Check versions, then apply pending migrations, one transaction per step."""
+def check_versions(db, conn):
+    """Refuse a file without our schema, or with a component newer than this code."""
     stored = stored_versions(conn)
-    check_not_newer(db.path, stored, db.components)
     if "store" not in stored:
         from leapmail.store.errors import NotAStore
 
         raise NotAStore(db.path, "it has no leapmail schema")
+    check_not_newer(db.path, stored, db.components)
+
+
+def upgrade(db, conn):
+    """Apply pending migrations, one transaction per step; sweep unfinished blobs."""
+    stored = stored_versions(conn)
     for component in db.components:
         current = stored.get(component.name, 0)
         for version in range(current, component.version):
@@ -126,8 +131,8 @@ def migrate(db, conn):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-    # Sweep blobs whose writer never finished.  Only when there are some: an empty
-    # DELETE still rewrites the table's root page, and a plain open must not write.
+    # Only when there are some: an empty DELETE still rewrites the table's root page,
+    # and a plain open must not write.
     if conn.execute("SELECT 1 FROM pending_blobs LIMIT 1").fetchone():
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(

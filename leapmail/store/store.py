@@ -3,7 +3,7 @@
 One writer thread owns the only writing connection and commits queued jobs in groups
 (see :class:`~leapmail.store.documents.Committer`); a Deferred fires only after the
 commit — with ``synchronous=FULL``, after the fsync — so an acknowledged write survives
-``kill -9`` and power loss.  Reads run on a small pool of threads, each with its own
+``kill -9``, and power loss on a disk that honours fsync.  Reads run on a small pool of threads, each with its own
 read-only connection; WAL mode lets them proceed while the writer commits, and each read
 job sees one consistent snapshot.
 """
@@ -163,7 +163,10 @@ class Store:
             try:
                 return fn(Queries(conn, self.path), *args)
             finally:
-                conn.execute("COMMIT")
+                if conn.in_transaction:
+                    # Ends the snapshot; a read transaction has nothing to commit, and
+                    # after a driver error it may already be gone.
+                    conn.execute("ROLLBACK")
         except self.database.driver.Error as e:
             raise classify(self.path, e) or e
 
@@ -217,10 +220,12 @@ class Store:
     @defer.inlineCallbacks
     def _shutdown(self):
         stopped = defer.Deferred()
-        self._jobs.put((_STOP, (), stopped))
         try:
-            yield stopped
+            # Readers first: read-only connections cannot fold the WAL back, so the
+            # writer must be the last connection to close.
             yield threads.deferToThread(self._close_readers)
+            self._jobs.put((_STOP, (), stopped))
+            yield stopped
         finally:
             self.database.close()
 
