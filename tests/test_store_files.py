@@ -22,7 +22,7 @@ from leapmail.store import (
     StoreTooNew,
     StoreUnreadable,
 )
-from leapmail.store.database import PAGE_SIZE
+from leapmail.store.database import PAGE_SIZE, connect
 
 from conftest import HERE
 
@@ -158,12 +158,21 @@ def test_plain_sqlite_database_is_refused(tmp_path, db_path, key):
 
 
 def test_sqlcipher_database_of_another_application_is_refused(tmp_path, db_path, key):
+    # Same key and cipher settings as ours, but not made by us.
+    conn = connect(db_path, key)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    _assert_refused(tmp_path, db_path, key, NotAStore, words=["another application"])
+
+
+def test_sqlcipher_database_with_default_settings_is_refused(tmp_path, db_path, key):
     conn = sqlcipher3.connect(db_path)
     conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
     conn.execute("CREATE TABLE t (x)")
     conn.commit()
     conn.close()
-    _assert_refused(tmp_path, db_path, key, NotAStore, words=["another application"])
+    _assert_refused(tmp_path, db_path, key, StoreUnreadable, words=["cannot be decrypted"])
 
 
 def test_directory_is_refused(tmp_path, db_path, key):
@@ -217,10 +226,8 @@ async def test_damaged_inner_page_is_reported_not_raised_from_the_driver(tmp_pat
 
 def test_newer_schema_is_refused(tmp_path, db_path, key):
     _make_store(db_path, key)
-    conn = sqlcipher3.connect(db_path)
-    conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    conn = connect(db_path, key)
     conn.execute("UPDATE meta SET value = 7 WHERE key = 'schema.store'")
-    conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     message = _assert_refused(tmp_path, db_path, key, StoreTooNew, words=["newer leapmail", "version 7", "Upgrade"])
@@ -271,9 +278,9 @@ def test_refused_file_with_a_crash_leftover_wal_is_not_checkpointed(tmp_path, db
     """A newer schema written into a WAL by a writer that died: the WAL must survive."""
     _make_store(db_path, key, docs=50)
     script = (
-        "import os, sys, sqlcipher3\n"
-        "c = sqlcipher3.connect(sys.argv[1], isolation_level=None)\n"
-        "c.execute(f\"PRAGMA key = \\\"x'{sys.argv[2]}'\\\"\")\n"
+        "import os, sys\n"
+        "from leapmail.store.database import connect\n"
+        "c = connect(sys.argv[1], bytes.fromhex(sys.argv[2]))\n"
         "c.execute(\"UPDATE meta SET value = 9 WHERE key = 'schema.store'\")\n"
         "c.execute(\"INSERT INTO documents (id, kind, rev, gen, content) VALUES ('w', 'n', 1, 999, x'00')\")\n"
         "os._exit(0)\n"  # dies without closing: the commit lives only in the WAL

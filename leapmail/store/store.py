@@ -29,7 +29,7 @@ _STOP = object()
 class Store:
     """An open store.  Create with :meth:`open` (blocking) or :meth:`open_deferred`."""
 
-    def __init__(self, database, reactor=None, readers=3):
+    def __init__(self, database, reactor=None, readers=2):
         if reactor is None:
             from twisted.internet import reactor
         self.database = database
@@ -59,7 +59,7 @@ class Store:
         self._readpool.start()
 
     @classmethod
-    def open(cls, path, key, components=(), *, create=False, reactor=None, readers=3, **kw):
+    def open(cls, path, key, components=(), *, create=False, reactor=None, readers=2, **kw):
         """Open (or with ``create=True`` create) a store; raises a StoreError on bad files."""
         database = Database.open(path, key, components, create=create, **kw)
         try:
