@@ -1,0 +1,1 @@
+"""The protocol-agnostic mail core: messages, mailboxes, UIDs, flags, search, events."""
