@@ -228,3 +228,33 @@ async def test_writer_survives_a_job_that_breaks_the_transaction(store):
     doc = await store.put("after", "n", b"2")
     assert doc.gen == 1
     assert sorted(await store.get_many(["neighbour", "lost", "after"])) == ["after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_are_delivered_after_commit_and_only_for_committed_jobs(store):
+    heard = []
+    unsubscribe = store.subscribe(lambda events: heard.append(list(events)))
+
+    def announce(txn, name, fail):
+        txn.put(name, "n", b"x")
+        txn.emit(("wrote", name))
+        if fail:
+            raise ValueError("no")
+        return name
+
+    order = []
+    d1 = store.transact(announce, "a", False)
+    d1.addCallback(lambda r: order.append(("result", r, len(heard))))
+    d2 = store.transact(announce, "b", True)
+    d3 = store.transact(announce, "c", False)
+    await d1
+    with pytest.raises(ValueError):
+        await d2
+    await d3
+    flat = [e for batch in heard for e in batch]
+    assert flat == [("wrote", "a"), ("wrote", "c")]
+    # The subscriber heard of the commit before the job's caller got its result.
+    assert order[0][:2] == ("result", "a") and order[0][2] >= 1
+    unsubscribe()
+    await store.transact(announce, "d", False)
+    assert [e for batch in heard for e in batch] == flat

@@ -98,6 +98,16 @@ class Transaction(Queries):
         super().__init__(conn, path)
         self._counter = counter
         self._indexers = indexers
+        self.events = []
+
+    def emit(self, event):
+        """Announce ``event`` to the store's subscribers once this job has committed.
+
+        Indexers use this to report what a write meant (a message arrived, flags
+        changed), whoever wrote it: a local command or a document pulled by sync.
+        Events of a job that rolls back are never delivered.
+        """
+        self.events.append(event)
 
     def put(self, doc_id, kind, content, expected_rev=None):
         """Write a new revision.  ``expected_rev=0`` means "must not exist yet"."""
@@ -170,17 +180,22 @@ class Committer:
         self.indexers = indexers
         self.classify = classify
         self.counter = GenerationCounter(Queries(conn, path).generation())
+        self.events = []
 
     def run_batch(self, jobs):
         """``jobs`` is a list of ``(fn, args)``; returns a list of ``(ok, result_or_exc)``.
+
+        Afterwards ``self.events`` holds the events of the jobs that committed.
 
         Never raises: whatever goes wrong, every job gets an outcome, so no caller
         waits forever and the writer thread lives on.
         """
         start = self.counter.value
+        self.events = []
         try:
             return self._run(jobs, start)
         except BaseException as e:
+            self.events = []
             # The batch as a whole is lost (disk full, I/O error, a broken savepoint,
             # a failed commit): including the jobs that had succeeded inside it.
             self.counter.value = start
@@ -199,8 +214,9 @@ class Committer:
         for fn, args in jobs:
             saved = self.counter.value
             conn.execute("SAVEPOINT job")
+            txn = Transaction(conn, self.path, self.counter, self.indexers)
             try:
-                result = fn(Transaction(conn, self.path, self.counter, self.indexers), *args)
+                result = fn(txn, *args)
             except Exception as e:
                 self.counter.value = saved
                 if not conn.in_transaction:
@@ -211,6 +227,7 @@ class Committer:
             else:
                 conn.execute("RELEASE job")
                 outcomes.append((True, result))
+                self.events.extend(txn.events)
         if self.counter.value != start:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (self.counter.value,))
         conn.execute("COMMIT")

@@ -12,6 +12,7 @@ import queue
 import threading
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -29,6 +30,8 @@ _STOP = object()
 class Store:
     """An open store.  Create with :meth:`open` (blocking) or :meth:`open_deferred`."""
 
+    _log = Logger()
+
     def __init__(self, database, reactor=None, readers=2):
         if reactor is None:
             from twisted.internet import reactor
@@ -40,6 +43,7 @@ class Store:
             for kind, indexer in component.indexers.items():
                 self._indexers.setdefault(kind, []).append(indexer)
         self._jobs = queue.SimpleQueue()
+        self._subscribers = []
         self._closed = False
         self._closing = None
         self._writer = threading.Thread(
@@ -123,13 +127,14 @@ class Store:
                     break
                 batch.append(job)
             outcomes = committer.run_batch([(fn, args) for fn, args, _ in batch])
+            events = committer.events
             results = []
             for (_, _, d), (ok, value) in zip(batch, outcomes):
                 if not ok:
                     value = Failure(value)
                     value.cleanFailure()
                 results.append((d, ok, value))
-            self._reactor.callFromThread(_deliver, results)
+            self._reactor.callFromThread(self._deliver, events, results)
         try:
             # Fold the WAL back so a cleanly closed store is one self-contained file.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -137,6 +142,29 @@ class Store:
             pass
         conn.close()
         self._reactor.callFromThread(stopping[2].callback, None)
+
+    def subscribe(self, callback):
+        """Call ``callback(events)`` on the reactor after each commit that emitted events.
+
+        Subscribers hear of a commit before the callers of its jobs do, so a session
+        has seen the consequences of its own command when the command completes.
+        Returns a function that unsubscribes.
+        """
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def _deliver(self, events, results):
+        if events:
+            for callback in list(self._subscribers):
+                try:
+                    callback(events)
+                except Exception:
+                    self._log.failure("store event subscriber failed")
+        for d, ok, value in results:
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
 
     def _classify(self, exc):
         if isinstance(exc, self.database.driver.Error):
@@ -236,12 +264,6 @@ class Store:
                 conn.close()
             self._reader_conns.clear()
 
-def _deliver(results):
-    for d, ok, value in results:
-        if ok:
-            d.callback(value)
-        else:
-            d.errback(value)
 
 
 def _observe(d):
