@@ -41,3 +41,16 @@ def run_helper(name, *args, check=True, env=None, **kw):
             f"{result.stderr.decode()}"
         )
     return result
+
+
+@pytest_twisted.async_yield_fixture
+async def account(db_path, key):
+    from leapmail.mail.account import Account
+    from leapmail.mail.schema import MAIL
+
+    s = Store.open(db_path, key, [MAIL], create=True)
+    acct = Account(s, os.urandom(32))
+    await acct.setup()
+    yield acct
+    acct.close()
+    await s.close()

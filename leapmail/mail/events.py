@@ -1,0 +1,33 @@
+"""What the mail core tells listeners: committed changes, whoever made them."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MessageAdded:
+    mailbox: str
+    uid: int
+    modseq: int
+
+
+@dataclass(frozen=True)
+class FlagsChanged:
+    mailbox: str
+    uid: int
+    flags: tuple
+    modseq: int
+
+
+@dataclass(frozen=True)
+class Expunged:
+    mailbox: str
+    uid: int
+    modseq: int
+
+
+@dataclass(frozen=True)
+class MailboxChanged:
+    """A mailbox was created, renamed (``name`` is the new one) or deleted (``None``)."""
+
+    mailbox: str
+    name: str

@@ -1,0 +1,227 @@
+"""The mail core's tables in the store, and the indexers that keep them in step.
+
+Documents are what sync replicates; these tables are this device's indexed view of
+them, written by indexers in the same transaction as the documents.  Everything that
+is local to a device lives only here: UIDs, UIDVALIDITY, MODSEQ and the \\Recent
+floor.  Because indexers run for every write — a local command or a document pulled
+by sync — UIDs are assigned and events emitted the same way for both.
+"""
+
+import time
+
+from leapmail.mail import codec
+from leapmail.mail.events import Expunged, FlagsChanged, MailboxChanged, MessageAdded
+from leapmail.mail.flags import split_flags
+from leapmail.store import SchemaComponent
+
+MAILBOX_KIND = "mailbox"
+MESSAGE_KIND = "message"
+PART_KIND = "part"
+FLAGS_KIND = "flags"
+SUBSCRIPTION_KIND = "subscription"
+
+_V1 = """
+CREATE TABLE mail_state (
+    key   TEXT PRIMARY KEY,
+    value
+);
+
+-- One row per mailbox document.  uidvalidity comes from a device-wide counter, so a
+-- mailbox deleted and re-created under the same name never reuses one (RFC 3501
+-- 2.3.1.1); uidnext and highestmodseq only grow.
+CREATE TABLE mailboxes (
+    doc_id        TEXT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    role          TEXT,
+    uidvalidity   INTEGER NOT NULL UNIQUE,
+    uidnext       INTEGER NOT NULL,
+    highestmodseq INTEGER NOT NULL,
+    recent_floor  INTEGER NOT NULL
+);
+
+-- One row per flags document: a message as it is in one mailbox.
+CREATE TABLE messages (
+    flags_doc     TEXT PRIMARY KEY,
+    mailbox       TEXT NOT NULL,
+    uid           INTEGER NOT NULL,
+    content       TEXT NOT NULL,
+    modseq        INTEGER NOT NULL,
+    internal_date INTEGER NOT NULL,
+    size          INTEGER NOT NULL,
+    sysflags      INTEGER NOT NULL,
+    keywords      TEXT NOT NULL,
+    UNIQUE (mailbox, uid)
+);
+CREATE INDEX messages_by_modseq ON messages (mailbox, modseq);
+CREATE INDEX messages_by_content ON messages (content);
+
+-- Expunged UIDs with the MODSEQ of their expunge, for QRESYNC's VANISHED.
+CREATE TABLE expunged (
+    mailbox TEXT NOT NULL,
+    uid     INTEGER NOT NULL,
+    modseq  INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+);
+
+-- One row per message content document, and which part documents it uses.
+CREATE TABLE contents (
+    doc_id    TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL,
+    sent_date INTEGER
+);
+CREATE TABLE content_parts (
+    content TEXT NOT NULL,
+    part    TEXT NOT NULL,
+    PRIMARY KEY (content, part)
+);
+CREATE INDEX content_parts_by_part ON content_parts (part);
+
+CREATE TABLE subscriptions (
+    name TEXT PRIMARY KEY
+);
+"""
+
+
+def _state(txn, key, default):
+    row = txn.execute("SELECT value FROM mail_state WHERE key = ?", (key,)).fetchone()
+    return default if row is None else row[0]
+
+
+def _set_state(txn, key, value):
+    txn.execute(
+        "INSERT INTO mail_state (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def _next_uidvalidity(txn):
+    # Seeded from the clock so that a device re-created from scratch (same mailbox
+    # names, empty tables) still hands out values clients have not seen; then +1.
+    current = _state(txn, "last_uidvalidity", 0)
+    value = max(current + 1, int(time.time()) & 0xFFFFFFFF)
+    if value > 0xFFFFFFFF:
+        value = 1
+    _set_state(txn, "last_uidvalidity", value)
+    return value
+
+
+def index_mailbox(txn, old, new):
+    if new.deleted:
+        txn.execute("DELETE FROM mailboxes WHERE doc_id = ?", (new.id,))
+        txn.emit(MailboxChanged(new.id, None))
+        return
+    data = codec.loads(new.content)
+    if old is None:
+        txn.execute(
+            "INSERT INTO mailboxes (doc_id, name, role, uidvalidity, uidnext, highestmodseq, "
+            "recent_floor) VALUES (?, ?, ?, ?, 1, 0, 1)",
+            (new.id, data["name"], data.get("role"), _next_uidvalidity(txn)),
+        )
+    else:
+        txn.execute(
+            "UPDATE mailboxes SET name = ?, role = ? WHERE doc_id = ?",
+            (data["name"], data.get("role"), new.id),
+        )
+    txn.emit(MailboxChanged(new.id, data["name"]))
+
+
+def _bump_modseq(txn, mailbox):
+    row = txn.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE doc_id = ? "
+        "RETURNING highestmodseq",
+        (mailbox,),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def index_flags(txn, old, new):
+    if new.deleted:
+        row = txn.execute(
+            "DELETE FROM messages WHERE flags_doc = ? RETURNING mailbox, uid", (new.id,)
+        ).fetchone()
+        if row is not None:
+            mailbox, uid = row
+            modseq = _bump_modseq(txn, mailbox)
+            if modseq is not None:
+                txn.execute(
+                    "INSERT OR REPLACE INTO expunged (mailbox, uid, modseq) VALUES (?, ?, ?)",
+                    (mailbox, uid, modseq),
+                )
+                txn.emit(Expunged(mailbox, uid, modseq))
+        return
+    data = codec.loads(new.content)
+    sysflags, keywords = split_flags(data["flags"])
+    existing = txn.execute(
+        "SELECT mailbox, uid, sysflags, keywords FROM messages WHERE flags_doc = ?", (new.id,)
+    ).fetchone()
+    if existing is None:
+        mailbox = data["mailbox"]
+        row = txn.execute(
+            "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
+            "WHERE doc_id = ? RETURNING uidnext - 1, highestmodseq",
+            (mailbox,),
+        ).fetchone()
+        if row is None:
+            raise LookupError(f"flags document {new.id} names unknown mailbox {mailbox}")
+        uid, modseq = row
+        size = txn.execute(
+            "SELECT size FROM contents WHERE doc_id = ?", (data["message"],)
+        ).fetchone()
+        txn.execute(
+            "INSERT INTO messages (flags_doc, mailbox, uid, content, modseq, internal_date, "
+            "size, sysflags, keywords) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.id, mailbox, uid, data["message"], modseq, data["date"],
+             size[0] if size else 0, sysflags, " ".join(keywords)),
+        )
+        txn.emit(MessageAdded(mailbox, uid, modseq))
+        return
+    mailbox, uid, old_sysflags, old_keywords = existing
+    if (sysflags, " ".join(keywords)) == (old_sysflags, old_keywords):
+        return
+    modseq = _bump_modseq(txn, mailbox)
+    txn.execute(
+        "UPDATE messages SET sysflags = ?, keywords = ?, modseq = ? WHERE flags_doc = ?",
+        (sysflags, " ".join(keywords), modseq, new.id),
+    )
+    txn.emit(FlagsChanged(mailbox, uid, tuple(data["flags"]), modseq))
+
+
+def index_message(txn, old, new):
+    if new.deleted:
+        txn.execute("DELETE FROM contents WHERE doc_id = ?", (new.id,))
+        txn.execute("DELETE FROM content_parts WHERE content = ?", (new.id,))
+        return
+    if old is not None:
+        return  # content documents are immutable
+    data = codec.loads(new.content)
+    txn.execute(
+        "INSERT OR REPLACE INTO contents (doc_id, size, sent_date) VALUES (?, ?, ?)",
+        (new.id, data["size"], data.get("sent_date")),
+    )
+    txn.conn.executemany(
+        "INSERT OR IGNORE INTO content_parts (content, part) VALUES (?, ?)",
+        [(new.id, part) for part in set(data["parts"])],
+    )
+
+
+def index_subscription(txn, old, new):
+    if new.deleted:
+        if old is not None:
+            txn.execute("DELETE FROM subscriptions WHERE name = ?", (codec.loads(old.content)["name"],))
+        return
+    txn.execute(
+        "INSERT OR IGNORE INTO subscriptions (name) VALUES (?)", (codec.loads(new.content)["name"],)
+    )
+
+
+MAIL = SchemaComponent(
+    name="mail",
+    migrations=(_V1,),
+    indexers={
+        MAILBOX_KIND: index_mailbox,
+        FLAGS_KIND: index_flags,
+        MESSAGE_KIND: index_message,
+        SUBSCRIPTION_KIND: index_subscription,
+    },
+)

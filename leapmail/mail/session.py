@@ -1,0 +1,186 @@
+"""A session's view of a selected mailbox: its own sequence numbers and pending news.
+
+Sequence numbers are a per-session illusion (RFC 3501 2.3.1.2): they may change only
+when the session is told.  A view therefore applies committed changes only when its
+protocol layer asks for them, at moments the protocol allows, and hands back what to
+tell the client.  Until then it keeps answering with the numbering the client knows.
+"""
+
+import bisect
+from dataclasses import dataclass
+
+from leapmail.mail.events import Expunged, FlagsChanged, MailboxChanged, MessageAdded
+
+
+@dataclass(frozen=True)
+class MessageMeta:
+    uid: int
+    flags: tuple
+    internal_date: int
+    size: int
+    modseq: int
+    content: str
+
+
+@dataclass(frozen=True)
+class Update:
+    """Something to tell the session: ``kind`` is "expunge", "exists" or "flags"."""
+
+    kind: str
+    seq: int = 0
+    uid: int = 0
+    flags: tuple = ()
+    modseq: int = 0
+    count: int = 0
+
+
+class MailboxView:
+    def __init__(self, account, info, readonly):
+        self.account = account
+        self.info = info
+        self.readonly = readonly
+        self.recent = set()
+        self.deleted = False
+        self.closed = False
+        self.on_change = None  # called (with the view) when news arrives: IDLE wakes up
+        self._uids = []
+        self._pending = []
+        self._early = []
+        self._loaded = False
+        self.highestmodseq = 0
+        self.uidnext = 1
+
+    # -- what the session knows ------------------------------------------------------
+
+    @property
+    def exists(self):
+        return len(self._uids)
+
+    @property
+    def uids(self):
+        return self._uids
+
+    def uid_of(self, seq):
+        return self._uids[seq - 1]
+
+    def seq_of(self, uid):
+        """The sequence number of ``uid`` as the session knows it, or ``None``."""
+        i = bisect.bisect_left(self._uids, uid)
+        if i < len(self._uids) and self._uids[i] == uid:
+            return i + 1
+        return None
+
+    def uids_in_range(self, low, high):
+        """Known UIDs ``low <= uid <= high``, ascending, without expanding the range."""
+        lo = bisect.bisect_left(self._uids, low)
+        hi = bisect.bisect_right(self._uids, high)
+        return self._uids[lo:hi]
+
+    # -- news ------------------------------------------------------------------------
+
+    def _load(self, snapshot, uids):
+        self._uids = uids
+        self.highestmodseq = snapshot["highestmodseq"]
+        self.uidnext = snapshot["uidnext"]
+        self._loaded = True
+        early, self._early = self._early, []
+        for event, recent in early:
+            if not hasattr(event, "modseq") or event.modseq > self.highestmodseq:
+                self._pending.append((event, recent))
+
+    def _notify(self, event, recent=False):
+        if isinstance(event, MailboxChanged):
+            if event.name is None:
+                self.deleted = True
+            else:
+                self.info = type(self.info)(**{**self.info.__dict__, "name": event.name})
+        elif self._loaded:
+            self._pending.append((event, recent))
+        else:
+            self._early.append((event, recent))
+        if self.on_change is not None:
+            self.on_change(self)
+
+    @property
+    def has_news(self):
+        return bool(self._pending)
+
+    def updates(self, expunges=True):
+        """Apply pending changes and return what to tell the client, in order.
+
+        With ``expunges=False`` (while a command that uses sequence numbers runs, RFC
+        3501 7.4.1) expunges stay pending and numbering stays valid: new messages and
+        flag changes are still reported.
+        """
+        out = []
+        kept = []
+        added = False
+        for event, recent in self._pending:
+            if isinstance(event, Expunged):
+                if not expunges:
+                    kept.append((event, recent))
+                    continue
+                seq = self.seq_of(event.uid)
+                if seq is not None:
+                    del self._uids[seq - 1]
+                    self.recent.discard(event.uid)
+                    out.append(Update("expunge", seq=seq, uid=event.uid, modseq=event.modseq))
+            elif isinstance(event, MessageAdded):
+                if not self._uids or event.uid > self._uids[-1]:
+                    self._uids.append(event.uid)
+                    if recent:
+                        self.recent.add(event.uid)
+                    added = True
+                self.uidnext = max(self.uidnext, event.uid + 1)
+            elif isinstance(event, FlagsChanged):
+                seq = self.seq_of(event.uid)
+                if seq is not None:
+                    out.append(Update("flags", seq=seq, uid=event.uid, flags=event.flags,
+                                      modseq=event.modseq))
+            self.highestmodseq = max(self.highestmodseq, getattr(event, "modseq", 0))
+        self._pending = kept
+        if added:
+            out.append(Update("exists", count=len(self._uids)))
+        return out
+
+    # -- work on the mailbox ---------------------------------------------------------
+
+    async def meta(self, uids):
+        """Per-message metadata for known ``uids`` (ascending), one query per 500."""
+        mailbox = self.info.id
+
+        def query(q):
+            result = []
+            for start in range(0, len(uids), 500):
+                batch = uids[start:start + 500]
+                marks = ",".join("?" * len(batch))
+                result += q.execute(
+                    "SELECT uid, sysflags, keywords, internal_date, size, modseq, content "
+                    f"FROM messages WHERE mailbox = ? AND uid IN ({marks}) ORDER BY uid",
+                    (mailbox, *batch),
+                ).fetchall()
+            return result
+
+        from leapmail.mail.flags import join_flags
+
+        rows = await self.account.store.read(query)
+        return [
+            MessageMeta(uid, tuple(join_flags(bits, kw)), date, size, modseq, content)
+            for uid, bits, kw, date, size, modseq, content in rows
+        ]
+
+    def store_flags(self, uids, mode, flags, unchanged_since=None):
+        return self.account.change_flags(self.info.id, uids, mode, flags, unchanged_since)
+
+    def expunge(self, uids=None):
+        return self.account.expunge(self.info.id, uids)
+
+    def copy(self, uids, target):
+        return self.account.copy(self.info.id, uids, target)
+
+    def move(self, uids, target):
+        return self.account.copy(self.info.id, uids, target, move=True)
+
+    def close(self):
+        self.closed = True
+        self.account._release(self)
