@@ -6,8 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite needs (none yet beyond Python itself).
-TEST_DEBS :=
+# Debian packages the test suite needs: Dovecot, the reference for differential tests.
+TEST_DEBS := dovecot-imapd
 RUN_HOME ?= .run/demo
 RUN_PASSPHRASE ?= leapmail-demo
 

@@ -24,8 +24,6 @@ from leapmail.mail.events import Expunged, MailboxChanged, MessageAdded, FlagsCh
 from leapmail.mail.schema import (
     FLAGS_KIND,
     MAILBOX_KIND,
-    MESSAGE_KIND,
-    PART_KIND,
     SUBSCRIPTION_KIND,
 )
 from leapmail.mail.session import MailboxView

@@ -7,6 +7,7 @@ floor.  Because indexers run for every write — a local command or a document p
 by sync — UIDs are assigned and events emitted the same way for both.
 """
 
+import datetime
 import time
 
 from leapmail.mail import codec
@@ -47,6 +48,7 @@ CREATE TABLE messages (
     content       TEXT NOT NULL,
     modseq        INTEGER NOT NULL,
     internal_date INTEGER NOT NULL,
+    internal_day  INTEGER NOT NULL,  -- proleptic ordinal of the date in its own zone
     size          INTEGER NOT NULL,
     sysflags      INTEGER NOT NULL,
     keywords      TEXT NOT NULL,
@@ -65,9 +67,10 @@ CREATE TABLE expunged (
 
 -- One row per message content document, and which part documents it uses.
 CREATE TABLE contents (
-    doc_id    TEXT PRIMARY KEY,
+    doc_id    TEXT NOT NULL UNIQUE,
     size      INTEGER NOT NULL,
-    sent_date INTEGER
+    sent_date INTEGER,
+    sent_day  INTEGER               -- ordinal of the Date: header's day, in its own zone
 );
 CREATE TABLE content_parts (
     content TEXT NOT NULL,
@@ -76,10 +79,33 @@ CREATE TABLE content_parts (
 );
 CREATE INDEX content_parts_by_part ON content_parts (part);
 
+-- Search: decoded, case-folded values of the top-level header fields, and a trigram
+-- full-text index (case-insensitive substrings, as RFC 3501 SEARCH wants) of the
+-- decoded header and body text; both keyed by contents.rowid.
+CREATE TABLE header_fields (
+    content INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    value   TEXT NOT NULL
+);
+CREATE INDEX header_fields_by_content ON header_fields (content, name);
+CREATE VIRTUAL TABLE text_index USING fts5 (headers, body, tokenize = 'trigram');
+
 CREATE TABLE subscriptions (
     name TEXT PRIMARY KEY
 );
 """
+
+
+def local_day(timestamp, tz_minutes):
+    """The calendar day of ``timestamp`` in its own zone, as a proleptic ordinal.
+
+    RFC 3501 compares dates "disregarding time and timezone": the day as written.
+    """
+    zone = datetime.timezone(datetime.timedelta(minutes=tz_minutes))
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, zone).date().toordinal()
+    except (OverflowError, OSError, ValueError):
+        return 0
 
 
 def _state(txn, key, default):
@@ -170,9 +196,10 @@ def index_flags(txn, old, new):
         ).fetchone()
         txn.execute(
             "INSERT INTO messages (flags_doc, mailbox, uid, content, modseq, internal_date, "
-            "size, sysflags, keywords) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "internal_day, size, sysflags, keywords) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.id, mailbox, uid, data["message"], modseq, data["date"],
-             size[0] if size else 0, sysflags, " ".join(keywords)),
+             local_day(data["date"], data.get("tz", 0)), size[0] if size else 0, sysflags,
+             " ".join(keywords)),
         )
         txn.emit(MessageAdded(mailbox, uid, modseq))
         return

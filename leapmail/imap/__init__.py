@@ -1,0 +1,1 @@
+"""The IMAP4rev1 server: protocol, commands, and the serialization of mail data."""

@@ -1,0 +1,251 @@
+"""Messages through the mail core: import, byte-exact reassembly, sessions, events, GC."""
+
+import pytest
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from leapmail.mail import mime
+from leapmail.mail.errors import NoSuchMailbox
+from leapmail.mail.headers import filter_fields
+from leapmail.mail.message import load_content, read_range
+
+from mail_corpus import corpus
+
+
+async def content_of(account, view, uid):
+    (meta,) = await view.meta([uid])
+    return meta, await account.store.read(load_content, meta.content)
+
+
+async def section(account, content, path=(), part=None):
+    rng = content.section_range(path, part)
+    if rng is None:
+        return None
+    return await account.store.read(read_range, content, *rng)
+
+
+async def doc_counts(account):
+    return await account.store.read(lambda q: {
+        kind: n for kind, n in q.execute(
+            "SELECT kind, count(*) FROM documents WHERE deleted = 0 GROUP BY kind")
+    })
+
+
+@pytest_twisted.ensureDeferred
+async def test_corpus_round_trips_every_section(account):
+    messages = corpus()
+    assert len(messages) >= 200
+    for name, raw in messages:
+        _, uid = await account.append("INBOX", raw)
+    view = await account.select("INBOX")
+    assert view.exists == len(messages)
+    metas = await view.meta(view.uids)
+    for (name, raw), meta in zip(messages, metas):
+        root = mime.parse(raw)
+        wanted = [(p, part) for p in _paths(root) for part in (None, "HEADER", "TEXT", "MIME")]
+
+        def read_all(q):
+            # Everything from the stored documents alone: the raw bytes are not consulted.
+            content = load_content(q, meta.content)
+            out = []
+            for path, part in wanted:
+                rng = content.section_range(path, part)
+                out.append(None if rng is None else read_range(q, content, *rng))
+            return content, out
+
+        content, got = await account.store.read(read_all)
+        assert meta.size == len(raw) == content.size, name
+        for (path, part), data in zip(wanted, got):
+            rng = mime.section_range(raw, root, path, part)
+            assert data == (None if rng is None else raw[rng[0]:rng[1]]), (name, path, part)
+        assert got[0] == raw and wanted[0] == ((), None)
+        header = await section(account, content, (), "HEADER")
+        assert filter_fields(header, ["subject", "from"], True) == filter_fields(
+            raw[:root.body_start], ["subject", "from"], True)
+    view.close()
+
+
+def _paths(root, limit=40):
+    """Section paths of a tree, IMAP numbering, bounded so deep corpora stay fast."""
+    out, stack = [()], [((), root)]
+    while stack and len(out) < limit:
+        path, e = stack.pop()
+        target = e.children[0] if e.message and e.children else e
+        if target.multipart:
+            for i, child in enumerate(target.children, 1):
+                out.append(path + (i,))
+                stack.append((path + (i,), child))
+        elif path == ():
+            out.append((1,))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=3000) | st.lists(st.sampled_from(
+    [b"--b\r\n", b"--b--\r\n", b"\r\n", b"\n", b"Content-Type: multipart/mixed; boundary=b\r\n",
+     b"Content-Type: message/rfc822\r\n", b"Subject: x\r\n", b"body\r\n", b"\x00", b"\xff"]),
+    max_size=40).map(b"".join))
+@pytest_twisted.ensureDeferred
+async def test_any_bytes_come_back_identical(account, raw):
+    _, uid = await account.append("INBOX", raw)
+    view = await account.select("INBOX")
+    try:
+        _, content = await content_of(account, view, uid)
+        assert await section(account, content) == raw
+    finally:
+        view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uids_increase_and_are_never_reused(account):
+    first = [(await account.append("INBOX", b"Subject: %d\r\n\r\nx" % i))[1] for i in range(3)]
+    assert first == [1, 2, 3]
+    view = await account.select("INBOX")
+    await view.store_flags([3], "add", ["\\Deleted"])
+    assert await view.expunge() == [3]
+    _, uid = await account.append("INBOX", b"Subject: 4\r\n\r\nx")
+    assert uid == 4
+    status = await account.status("INBOX")
+    assert (status["messages"], status["uidnext"]) == (3, 5)
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_copy_shares_content_and_gc_removes_it_after_last_expunge(account):
+    attachment = b"A" * 300_000  # big enough for a blob
+    raw = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\nhello\r\n--x\r\n"
+           b"Content-Type: application/octet-stream\r\n\r\n" + attachment + b"\r\n--x--\r\n")
+    validity, uid = await account.append("INBOX", raw, flags=["\\Flagged", "$Work"],
+                                         internal_date=1_700_000_000)
+    before = await doc_counts(account)
+    assert before["message"] == 1 and before["part"] == 2 and before["blob"] == 1
+    view = await account.select("INBOX")
+    target_validity, pairs = await view.copy([uid], "Archive")
+    assert pairs == [(uid, 1)]
+    assert target_validity == (await account.mailbox("Archive")).uidvalidity
+    after = await doc_counts(account)
+    assert {k: after[k] for k in ("message", "part", "blob")} == {"message": 1, "part": 2, "blob": 1}
+    assert after["flags"] == before["flags"] + 1
+
+    archive = await account.select("Archive")
+    (meta,) = await archive.meta([1])
+    assert meta.flags == ("\\Flagged", "$Work") and meta.internal_date == 1_700_000_000
+
+    await view.store_flags([uid], "add", ["\\Deleted"])
+    await view.expunge()
+    assert (await doc_counts(account))["message"] == 1  # still in Archive
+    await archive.store_flags([1], "add", ["\\Deleted"])
+    await archive.expunge()
+    counts = await doc_counts(account)
+    assert "message" not in counts and "part" not in counts and "blob" not in counts
+    chunks = await account.store.read(lambda q: q.execute("SELECT count(*) FROM blob_chunks").fetchone()[0])
+    assert chunks == 0
+    view.close()
+    archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_move_gives_new_uids_and_expunges_the_source(account):
+    for i in range(3):
+        await account.append("INBOX", b"Subject: %d\r\n\r\nbody" % i)
+    view = await account.select("INBOX")
+    _, pairs = await view.move([1, 3], "Trash")
+    assert pairs == [(1, 1), (3, 2)]
+    updates = view.updates()
+    assert [(u.kind, u.seq) for u in updates] == [("expunge", 1), ("expunge", 2)]
+    assert view.uids == [2]
+    with pytest.raises(NoSuchMailbox):
+        await view.copy([2], "Nowhere")
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_sessions_see_each_others_changes_at_the_right_moments(account):
+    await account.append("INBOX", b"Subject: a\r\n\r\n1")
+    await account.append("INBOX", b"Subject: b\r\n\r\n2")
+    first = await account.select("INBOX")
+    second = await account.select("INBOX")
+    woken = []
+    second.on_change = woken.append
+    # \Recent went to exactly one session: the first to select.
+    assert first.recent == {1, 2} and second.recent == set()
+
+    await first.store_flags([1], "add", ["\\Seen"])
+    await account.append("INBOX", b"Subject: c\r\n\r\n3")
+    await first.store_flags([2], "add", ["\\Deleted"])
+    await first.expunge()
+    assert woken  # IDLE would have been woken
+    # While a sequence-number command runs, expunges wait; the numbering holds.
+    held = second.updates(expunges=False)
+    assert [(u.kind, u.seq, u.uid) for u in held] == [("flags", 1, 1), ("flags", 2, 2), ("exists", 0, 0)]
+    assert held[0].flags == ("\\Seen",)
+    assert second.uids == [1, 2, 3] and second.exists == 3
+    rest = second.updates()
+    assert [(u.kind, u.seq, u.uid) for u in rest] == [("expunge", 2, 2)]
+    assert second.uids == [1, 3]
+    # The new message was recent for the first session (it was selected first).
+    first.updates()
+    assert first.recent == {1, 3} and second.recent == set()
+
+    third = await account.select("INBOX")
+    assert third.recent == set() and third.uids == [1, 3]
+    for v in (first, second, third):
+        v.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recent_waits_for_the_next_session_when_nobody_is_selected(account):
+    await account.append("INBOX", b"Subject: a\r\n\r\n1")
+    readonly = await account.select("INBOX", readonly=True)
+    assert readonly.recent == set()
+    view = await account.select("INBOX")
+    assert view.recent == {1}
+    view.close()
+    readonly.close()
+    again = await account.select("INBOX")
+    assert again.recent == set()
+    again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flag_changes_carry_modseq_and_unchanged_since(account):
+    await account.append("INBOX", b"Subject: a\r\n\r\n1", flags=["\\Seen"])
+    await account.append("INBOX", b"Subject: b\r\n\r\n2")
+    view = await account.select("INBOX")
+    base = (await account.status("INBOX"))["highestmodseq"]
+    changed, refused = await view.store_flags([1, 2], "add", ["\\Flagged", "$Label1"])
+    assert sorted(changed) == [1, 2]
+    assert [changed[1][1], changed[2][1]] == [base + 1, base + 2]
+    assert changed[1][0] == ("\\Seen", "\\Flagged", "$Label1")
+    changed, refused = await view.store_flags([1, 2], "remove", ["\\flagged"], unchanged_since=base + 1)
+    assert list(changed) == [1] and refused == [2]
+    changed, _ = await view.store_flags([1], "set", ["$label1"])  # same keyword, any case: no change? set replaces
+    assert changed[1][0] == ("$label1",)
+    changed, _ = await view.store_flags([1], "add", ["$LABEL1"])
+    assert changed == {}
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_selected_mailbox_tells_its_sessions(account):
+    await account.create_mailbox("doomed")
+    await account.append("doomed", b"Subject: a\r\n\r\n1")
+    view = await account.select("doomed")
+    await account.delete_mailbox("doomed")
+    assert view.deleted
+    assert "message" not in await doc_counts(account)
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rename_inbox_moves_messages_and_leaves_it_empty(account):
+    for i in range(3):
+        await account.append("INBOX", b"Subject: %d\r\n\r\nbody" % i, flags=["\\Seen"])
+    await account.create_mailbox("INBOX/child")
+    await account.rename_mailbox("INBOX", "Old mail")
+    assert (await account.status("INBOX"))["messages"] == 0
+    status = await account.status("Old mail")
+    assert (status["messages"], status["unseen"], status["uidnext"]) == (3, 0, 4)
+    assert "INBOX/child" in [m.name for m in await account.mailboxes()]
+    _, uid = await account.append("INBOX", b"Subject: new\r\n\r\nx")
+    assert uid == 4  # INBOX's UIDs are never reused
