@@ -216,8 +216,12 @@ class Account:
 
     # -- messages --------------------------------------------------------------------
 
-    async def append(self, mailbox, raw, flags=(), internal_date=None):
-        """Import ``raw`` into ``mailbox``; returns ``(uidvalidity, uid)``."""
+    async def append(self, mailbox, raw, flags=(), internal_date=None, tz_minutes=0):
+        """Import ``raw`` into ``mailbox``; returns ``(uidvalidity, uid)``.
+
+        ``internal_date`` is a Unix time; ``tz_minutes`` the zone it was given in, kept
+        so that date searches and INTERNALDATE use the day as the client wrote it.
+        """
         from leapmail.mail.message import prepare, store_prepared
 
         name = names.normalize(mailbox)
@@ -225,10 +229,11 @@ class Account:
         date = int(time.time()) if internal_date is None else int(internal_date)
         return await store_prepared(
             self.store, prepared,
-            lambda txn: self._append_job(txn, name, prepared, flaglib.normalize(flags), date),
+            lambda txn: self._append_job(txn, name, prepared, flaglib.normalize(flags), date,
+                                         tz_minutes),
         )
 
-    def _append_job(self, txn, name, prepared, flags, date):
+    def _append_job(self, txn, name, prepared, flags, date, tz_minutes):
         from leapmail.mail.message import write_content
 
         info = _require(txn, name)
@@ -236,6 +241,7 @@ class Account:
         doc_id = _new_id("flg")
         txn.put(doc_id, FLAGS_KIND, codec.dumps({
             "mailbox": info.id, "message": prepared.id, "flags": flags, "date": date,
+            "tz": tz_minutes,
         }), expected_rev=0)
         (uid,) = txn.execute("SELECT uid FROM messages WHERE flags_doc = ?", (doc_id,)).fetchone()
         return info.uidvalidity, uid

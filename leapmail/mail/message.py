@@ -59,18 +59,20 @@ def prepare(raw, keyed_id):
         # As Dovecot reports mail it stored itself (APPEND, delivery): the default
         # text/plain part in canonical spelling.
         "bodystructure": bodystructure(raw, root, canonical_plain=True),
-        "sent_date": _date(date),
+        **_sent(date),
     }
     return Prepared(keyed_id("message", raw), codec.dumps(document), parts, len(raw))
 
 
-def _date(value):
+def _sent(value):
+    """The Date: header as a timestamp and as the day it names in its own zone."""
     if not value:
-        return None
+        return {"sent_date": None, "sent_day": None}
     try:
-        return int(email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp())
+        when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
+        return {"sent_date": int(when.timestamp()), "sent_day": when.date().toordinal()}
     except (TypeError, ValueError, OverflowError, IndexError):
-        return None
+        return {"sent_date": None, "sent_day": None}
 
 
 def encode_tree(root):

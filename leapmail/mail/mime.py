@@ -913,7 +913,7 @@ def _mime_info(raw, ent):
     return encoding, charset
 
 
-def decoded_text(raw, root):
+def decoded_text(raw, root, *, root_header=True):
     """Text for a full-text index: header values, then every text/* leaf, decoded.
 
     Yields, per entity in document order, the RFC 2047-decoded values of a message
@@ -923,7 +923,9 @@ def decoded_text(raw, root):
     UTF-8 or latin-1 text.
     """
     raw = _as_bytes(raw)
-    message_headers = {id(root)}
+    # Without the root header this is the text of the *body*, what SEARCH BODY means:
+    # embedded messages' headers are part of it.
+    message_headers = {id(root)} if root_header else set()
     for e in walk(root):
         if e.message and e.children:
             message_headers.add(id(e.children[0]))
@@ -938,13 +940,13 @@ def decoded_text(raw, root):
                     text = decode_header_value(value).strip()
                     if text:
                         yield text
-            elif e.mime:
+            elif e.mime and e is not root:
                 for name, value in fields:
                     if _field_key(name) == b"content-description":
                         text = decode_header_value(value).strip()
                         if text:
                             yield text
-            if e.mime:
+            if e.mime and (root_header or e is not root):
                 for key in ("name", "filename"):
                     text = param_value(e.params, key)
                     if text:

@@ -216,19 +216,61 @@ def index_flags(txn, old, new):
 
 def index_message(txn, old, new):
     if new.deleted:
-        txn.execute("DELETE FROM contents WHERE doc_id = ?", (new.id,))
+        row = txn.execute(
+            "DELETE FROM contents WHERE doc_id = ? RETURNING rowid", (new.id,)
+        ).fetchone()
+        if row is not None:
+            txn.execute("DELETE FROM header_fields WHERE content = ?", row)
+            txn.execute("DELETE FROM text_index WHERE rowid = ?", row)
         txn.execute("DELETE FROM content_parts WHERE content = ?", (new.id,))
         return
     if old is not None:
         return  # content documents are immutable
     data = codec.loads(new.content)
-    txn.execute(
-        "INSERT OR REPLACE INTO contents (doc_id, size, sent_date) VALUES (?, ?, ?)",
-        (new.id, data["size"], data.get("sent_date")),
-    )
+    (rowid,) = txn.execute(
+        "INSERT INTO contents (doc_id, size, sent_date, sent_day) VALUES (?, ?, ?, ?) "
+        "RETURNING rowid",
+        (new.id, data["size"], data.get("sent_date"), data.get("sent_day")),
+    ).fetchone()
+    _index_text(txn, new.id, rowid, data)
     txn.conn.executemany(
         "INSERT OR IGNORE INTO content_parts (content, part) VALUES (?, ?)",
         [(new.id, part) for part in set(data["parts"])],
+    )
+
+
+#: Messages larger than this have only their header in the full-text index: reading
+#: and decoding a huge attachment-laden message would hold the writer for long.
+TEXT_INDEX_MAX = 16 * 1024 * 1024
+
+
+def _index_text(txn, doc_id, rowid, data):
+    """Fill the search tables from the stored documents (local import or sync alike)."""
+    from leapmail.mail import mime
+    from leapmail.mail.message import Content, read_range
+
+    content = Content(doc_id, data)
+    if data["size"] <= TEXT_INDEX_MAX:
+        raw = read_range(txn, content, 0, data["size"])
+    else:
+        start, end = content.section_range((), "HEADER")
+        raw = read_range(txn, content, start, end)
+    root = mime.parse(raw)
+    rows, header_lines = [], []
+    for name, value in mime.header_fields(raw, root.start, root.header_end):
+        key = name.decode("latin-1").lower()
+        text = mime.decode_header_value(value)
+        rows.append((rowid, key, text.casefold()))
+        header_lines.append(f"{name.decode('latin-1')}: {text}")
+    txn.conn.executemany(
+        "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)", rows
+    )
+    body = ""
+    if data["size"] <= TEXT_INDEX_MAX:
+        body = "\n".join(mime.decoded_text(raw, root, root_header=False))
+    txn.execute(
+        "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)",
+        (rowid, "\n".join(header_lines), body),
     )
 
 
@@ -242,6 +284,14 @@ def index_subscription(txn, old, new):
     )
 
 
+def contains_folded(haystack, needle):
+    """SQL ``contains_folded(text, needle)``: a Unicode case-insensitive substring test,
+    for needles the trigram index cannot serve (fewer than three characters)."""
+    if haystack is None or needle is None:
+        return 0
+    return int(needle.lower() in haystack.lower())
+
+
 MAIL = SchemaComponent(
     name="mail",
     migrations=(_V1,),
@@ -251,4 +301,5 @@ MAIL = SchemaComponent(
         MESSAGE_KIND: index_message,
         SUBSCRIPTION_KIND: index_subscription,
     },
+    functions={"contains_folded": (2, contains_folded)},
 )

@@ -169,6 +169,12 @@ class MailboxView:
             for uid, bits, kw, date, size, modseq, content in rows
         ]
 
+    def search(self, query):
+        """UIDs matching a :mod:`leapmail.mail.search` query, ascending."""
+        from leapmail.mail.search import search
+
+        return self.account.store.read(search, self.info.id, query)
+
     def store_flags(self, uids, mode, flags, unchanged_since=None):
         return self.account.change_flags(self.info.id, uids, mode, flags, unchanged_since)
 

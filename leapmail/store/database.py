@@ -193,9 +193,13 @@ class Database:
 
     def connect(self, readonly=False):
         try:
-            return connect(self.path, self._key, driver=self.driver, readonly=readonly)
+            conn = connect(self.path, self._key, driver=self.driver, readonly=readonly)
         except self.driver.Error as e:
             raise classify(self.path, e) or e
+        for component in self.components:
+            for name, (arity, function) in component.functions.items():
+                conn.create_function(name, arity, function, deterministic=True)
+        return conn
 
     def close(self):
         self._lock.release()

@@ -24,6 +24,8 @@ class SchemaComponent:
     name: str
     migrations: tuple
     indexers: dict = field(default_factory=dict)
+    #: SQL functions every connection gets: ``{name: (number_of_arguments, callable)}``.
+    functions: dict = field(default_factory=dict)
 
     @property
     def version(self):

@@ -1,0 +1,129 @@
+"""Searching a mailbox: a protocol-neutral query tree, compiled to one SQL statement.
+
+The protocol layer parses its own syntax into these nodes (tuples), turning what only
+it knows — sequence numbers, \\Recent — into UID ranges first:
+
+    ("all",)                       every message
+    ("and", [node, ...])           all of them
+    ("or", a, b)  ("not", a)
+    ("flag", bit, present)         a system flag (see leapmail.mail.flags) set or not
+    ("keyword", name, present)     a keyword set or not (case-insensitive)
+    ("uid", [(low, high), ...])    UID ranges, inclusive
+    ("larger", n)  ("smaller", n)  RFC822.SIZE
+    ("internal", op, day)          op in before/on/since; day a datetime.date, compared
+    ("sent", op, day)              with the date in the message's own time zone
+    ("header", name, text)         a header field containing text (empty: field present)
+    ("body", text)  ("text", text) body text / header and body text
+    ("modseq", n)                  MODSEQ >= n
+
+Text matches are case-insensitive substring matches on decoded text (RFC 3501 6.4.4),
+served by the trigram full-text index for needles of three characters or more.
+"""
+
+from leapmail.mail import flags as flaglib
+
+_DAY_OPS = {"before": "<", "on": "=", "since": ">="}
+
+
+class QueryError(ValueError):
+    pass
+
+
+def _escape_like(text):
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _fts_phrase(text):
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _text_condition(column, text, params):
+    """Rows of text_index whose ``column`` contains ``text``, case-insensitively."""
+    if len(text) >= 3:
+        params.append(f"{column}: {_fts_phrase(text)}")
+        return "text_index MATCH ?"
+    # Trigrams cannot index one or two characters: scan, folding case in Python
+    # (SQLite's LIKE folds ASCII only).
+    params.append(text)
+    return f"contains_folded(text_index.{column}, ?)"
+
+
+def compile_query(node, params):
+    """SQL condition over ``m`` (messages) and ``c`` (contents) for ``node``."""
+    kind = node[0]
+    if kind == "all":
+        return "1"
+    if kind == "and":
+        parts = [compile_query(child, params) for child in node[1]]
+        return "(" + " AND ".join(parts or ["1"]) + ")"
+    if kind == "or":
+        return f"({compile_query(node[1], params)} OR {compile_query(node[2], params)})"
+    if kind == "not":
+        return f"(NOT {compile_query(node[1], params)})"
+    if kind == "flag":
+        params.append(node[1])
+        return f"((m.sysflags & ?) {'!=' if node[2] else '='} 0)"
+    if kind == "keyword":
+        params.append(node[1].lower())
+        test = "instr(' ' || lower(m.keywords) || ' ', ' ' || ? || ' ') > 0"
+        return f"({test})" if node[2] else f"(NOT {test})"
+    if kind == "uid":
+        if not node[1]:
+            return "0"
+        conditions = []
+        for low, high in node[1]:
+            params.extend((low, high))
+            conditions.append("(m.uid BETWEEN ? AND ?)")
+        return "(" + " OR ".join(conditions) + ")"
+    if kind in ("larger", "smaller"):
+        params.append(node[1])
+        return f"(m.size {'>' if kind == 'larger' else '<'} ?)"
+    if kind in ("internal", "sent"):
+        op, day = node[1], node[2]
+        if op not in _DAY_OPS:
+            raise QueryError(f"unknown date comparison {op!r}")
+        params.append(day.toordinal())
+        column = "m.internal_day" if kind == "internal" else "c.sent_day"
+        return f"({column} {_DAY_OPS[op]} ?)"
+    if kind == "modseq":
+        params.append(node[1])
+        return "(m.modseq >= ?)"
+    if kind == "header":
+        name, text = node[1].lower(), node[2]
+        params.append(name)
+        if text == "":
+            return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = c.rowid "
+                    "AND h.name = ?))")
+        params.append(f"%{_escape_like(text.casefold())}%")
+        return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = c.rowid "
+                "AND h.name = ? AND h.value LIKE ? ESCAPE '\\'))")
+    if kind in ("body", "text"):
+        text = node[1]
+        if text == "":
+            return "1"
+        if kind == "body":
+            condition = _text_condition("body", text, params)
+        else:
+            condition = _text_condition("{headers body}", text, params) if len(text) >= 3 else (
+                "(" + _text_condition("headers", text, params) + " OR "
+                + _text_condition("body", text, params) + ")"
+            )
+        return f"(c.rowid IN (SELECT rowid FROM text_index WHERE {condition}))"
+    raise QueryError(f"unknown search key {kind!r}")
+
+
+def search(queries, mailbox_id, node):
+    """UIDs in ``mailbox_id`` matching ``node``, ascending."""
+    params = []
+    condition = compile_query(node, params)
+    sql = (
+        "SELECT m.uid FROM messages m JOIN contents c ON c.doc_id = m.content "
+        f"WHERE m.mailbox = ? AND {condition} ORDER BY m.uid"
+    )
+    return [uid for (uid,) in queries.execute(sql, (mailbox_id, *params))]
+
+
+def system_flag(name):
+    """The bit of a system flag name (any case), or ``None``."""
+    entry = flaglib.SYSTEM.get(name.lower())
+    return entry[1] if entry else None

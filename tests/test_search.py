@@ -1,0 +1,150 @@
+"""Search in SQL, checked against a plain evaluation over the corpus, key by key."""
+
+import datetime
+import random
+
+import pytest
+import pytest_twisted
+
+from leapmail.mail import flags as F, mime
+from leapmail.mail.search import QueryError
+
+from mail_corpus import corpus
+
+TZ = [0, 120, -300, 330]
+
+
+def reference(node, m):
+    """What a query means, evaluated directly on one message's bytes and metadata."""
+    kind = node[0]
+    if kind == "all":
+        return True
+    if kind == "and":
+        return all(reference(c, m) for c in node[1])
+    if kind == "or":
+        return reference(node[1], m) or reference(node[2], m)
+    if kind == "not":
+        return not reference(node[1], m)
+    if kind == "flag":
+        return bool(m["bits"] & node[1]) == node[2]
+    if kind == "keyword":
+        return (node[1].lower() in [k.lower() for k in m["keywords"]]) == node[2]
+    if kind == "uid":
+        return any(lo <= m["uid"] <= hi for lo, hi in node[1])
+    if kind == "larger":
+        return len(m["raw"]) > node[1]
+    if kind == "smaller":
+        return len(m["raw"]) < node[1]
+    if kind in ("internal", "sent"):
+        day = m["internal_day"] if kind == "internal" else m["sent_day"]
+        if day is None:
+            return False
+        target = node[2].toordinal()
+        return {"before": day < target, "on": day == target, "since": day >= target}[node[1]]
+    if kind == "modseq":
+        return m["modseq"] >= node[1]
+    if kind == "header":
+        values = [v for k, v in m["headers"] if k == node[1].lower()]
+        return bool(values) and any(node[2].casefold() in v.casefold() for v in values)
+    if kind == "body":
+        return node[1].lower() in m["body"].lower()
+    if kind == "text":
+        return node[1].lower() in m["body"].lower() or node[1].lower() in m["header_text"].lower()
+    raise AssertionError(kind)
+
+
+def describe(raw):
+    root = mime.parse(raw)
+    headers = [(n.decode("latin-1").lower(), mime.decode_header_value(v))
+               for n, v in mime.header_fields(raw, root.start, root.header_end)]
+    return {
+        "headers": headers,
+        "header_text": "\n".join(f"{n}: {v}" for n, v in headers),
+        "body": "\n".join(mime.decoded_text(raw, root, root_header=False)),
+    }
+
+
+QUERIES = [
+    ("all",),
+    ("flag", F.SEEN, True), ("flag", F.SEEN, False), ("flag", F.DELETED, True),
+    ("flag", F.FLAGGED, False), ("flag", F.ANSWERED, True), ("flag", F.DRAFT, True),
+    ("keyword", "$Work", True), ("keyword", "$work", True), ("keyword", "$Work", False),
+    ("keyword", "nothing", True),
+    ("uid", [(1, 5), (100, 120)]), ("uid", []),
+    ("larger", 5000), ("smaller", 800), ("larger", 0),
+    ("internal", "before", datetime.date(2024, 3, 1)),
+    ("internal", "on", datetime.date(2024, 2, 10)),
+    ("internal", "since", datetime.date(2024, 2, 20)),
+    ("sent", "before", datetime.date(2024, 1, 1)),
+    ("sent", "since", datetime.date(2020, 1, 1)),
+    ("sent", "on", datetime.date(2024, 5, 17)),
+    ("header", "subject", "report"), ("header", "Subject", "REPORT"),
+    ("header", "from", "example"), ("header", "to", "@"), ("header", "cc", ""),
+    ("header", "x-nothing", ""), ("header", "message-id", "<"),
+    ("header", "subject", "é"), ("header", "subject", "ü"),
+    ("body", "hello"), ("body", "HELLO"), ("body", "lorem"), ("body", "x"),
+    ("body", "é"), ("body", "Grüße"), ("body", "quoted-printable"),
+    ("text", "example"), ("text", "subject"), ("text", "zz"), ("text", "hello world"),
+    ("or", ("flag", F.SEEN, True), ("body", "hello")),
+    ("not", ("or", ("larger", 2000), ("keyword", "$Work", True))),
+    ("and", [("flag", F.SEEN, False), ("not", ("header", "subject", "x")), ("smaller", 100000)]),
+    ("and", []),
+    ("modseq", 50),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_key_matches_the_reference(account):
+    rng = random.Random(7)
+    messages = []
+    for name, raw in corpus():
+        bits = rng.choice([0, F.SEEN, F.SEEN | F.FLAGGED, F.DELETED, F.ANSWERED, F.DRAFT])
+        keywords = rng.choice([[], ["$Work"], ["$work", "other"]])
+        flags = [n for n, b in F.SYSTEM.values() if bits & b] + keywords
+        tz = rng.choice(TZ)
+        when = int(datetime.datetime(2024, 2, 1, tzinfo=datetime.timezone.utc).timestamp()) + rng.randrange(0, 40 * 86400)
+        _, uid = await account.append("INBOX", raw, flags=flags, internal_date=when, tz_minutes=tz)
+        zone = datetime.timezone(datetime.timedelta(minutes=tz))
+        m = {"uid": uid, "raw": raw, "bits": bits, "keywords": F.normalize(keywords),
+             "internal_day": datetime.datetime.fromtimestamp(when, zone).date().toordinal(),
+             **describe(raw)}
+        messages.append(m)
+    view = await account.select("INBOX")
+    metas = await view.meta(view.uids)
+    for m, meta in zip(messages, metas):
+        m["modseq"] = meta.modseq
+    contents = await account.store.read(lambda q: dict(q.execute("SELECT doc_id, sent_day FROM contents")))
+    for m, meta in zip(messages, metas):
+        m["sent_day"] = contents[meta.content]
+    assert any(m["sent_day"] for m in messages)
+    for query in QUERIES:
+        got = await view.search(query)
+        want = [m["uid"] for m in messages if reference(query, m)]
+        assert got == want, query
+    # The queries are not vacuous: most select something and something is left out.
+    counts = [len(await view.search(q)) for q in QUERIES]
+    assert sum(1 for c in counts if 0 < c < len(messages)) > len(QUERIES) // 2
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_expunged_messages_leave_the_index(account):
+    _, uid = await account.append("INBOX", b"Subject: unique-needle\r\n\r\nneedle in body\r\n")
+    view = await account.select("INBOX")
+    assert await view.search(("text", "unique-needle")) == [uid]
+    await view.store_flags([uid], "add", ["\\Deleted"])
+    await view.expunge()
+    assert await view.search(("text", "unique-needle")) == []
+    rows = await account.store.read(lambda q: (
+        q.execute("SELECT count(*) FROM text_index").fetchone()[0],
+        q.execute("SELECT count(*) FROM header_fields").fetchone()[0]))
+    assert rows == (0, 0)
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_key_is_a_clean_error(account):
+    view = await account.select("INBOX")
+    with pytest.raises(QueryError):
+        await view.search(("bogus",))
+    view.close()
