@@ -249,3 +249,17 @@ async def test_rename_inbox_moves_messages_and_leaves_it_empty(account):
     assert "INBOX/child" in [m.name for m in await account.mailboxes()]
     _, uid = await account.append("INBOX", b"Subject: new\r\n\r\nx")
     assert uid == 4  # INBOX's UIDs are never reused
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_is_one_transaction(account):
+    batch = [(b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i), ["\\Seen"] if i % 2 else [], 1_700_000_000 + i)
+             for i in range(50)]
+    validity, uids = await account.append_many("INBOX", batch)
+    assert uids == list(range(1, 51))
+    assert validity == (await account.mailbox("INBOX")).uidvalidity
+    status = await account.status("INBOX")
+    assert (status["messages"], status["unseen"]) == (50, 25)
+    with pytest.raises(NoSuchMailbox):
+        await account.append_many("nowhere", batch)
+    assert (await account.status("INBOX"))["messages"] == 50

@@ -228,10 +228,33 @@ class Account:
         prepared = await threads.deferToThread(prepare, raw, self.keyed_id)
         date = int(time.time()) if internal_date is None else int(internal_date)
         return await store_prepared(
-            self.store, prepared,
+            self.store, [prepared],
             lambda txn: self._append_job(txn, name, prepared, flaglib.normalize(flags), date,
                                          tz_minutes),
         )
+
+    async def append_many(self, mailbox, messages):
+        """Import ``(raw, flags, internal_date)`` triples in one transaction (bulk import).
+
+        Returns ``(uidvalidity, [uid, ...])``.  All or nothing.
+        """
+        from leapmail.mail.message import prepare, store_prepared
+
+        name = names.normalize(mailbox)
+        prepared = await threads.deferToThread(
+            lambda: [prepare(raw, self.keyed_id) for raw, _, _ in messages]
+        )
+        now = int(time.time())
+        entries = [
+            (p, flaglib.normalize(flags), now if date is None else int(date))
+            for p, (_, flags, date) in zip(prepared, messages)
+        ]
+
+        def job(txn):
+            results = [self._append_job(txn, name, p, f, d, 0) for p, f, d in entries]
+            return (results[0][0] if results else None), [uid for _, uid in results]
+
+        return await store_prepared(self.store, prepared, job)
 
     def _append_job(self, txn, name, prepared, flags, date, tz_minutes):
         from leapmail.mail.message import write_content

@@ -128,8 +128,11 @@ def _blob_id(part_id):
 
 
 async def store_prepared(store, prepared, job):
-    """Write big bodies as blobs first (in their own small transactions), then ``job``."""
-    for part_id, body in prepared.parts:
+    """Write big bodies as blobs first (in their own small transactions), then ``job``.
+
+    ``prepared`` is a list of :class:`Prepared` messages that ``job`` writes.
+    """
+    for part_id, body in [part for p in prepared for part in p.parts]:
         if len(body) <= PART_INLINE_MAX:
             continue
         if await store.get(part_id) is not None:

@@ -46,6 +46,7 @@ CREATE TABLE messages (
     mailbox       TEXT NOT NULL,
     uid           INTEGER NOT NULL,
     content       TEXT NOT NULL,
+    content_row   INTEGER,           -- contents.rowid: integer joins for search
     modseq        INTEGER NOT NULL,
     internal_date INTEGER NOT NULL,
     internal_day  INTEGER NOT NULL,  -- proleptic ordinal of the date in its own zone
@@ -56,6 +57,7 @@ CREATE TABLE messages (
 );
 CREATE INDEX messages_by_modseq ON messages (mailbox, modseq);
 CREATE INDEX messages_by_content ON messages (content);
+CREATE INDEX messages_by_content_row ON messages (content_row);
 
 -- Expunged UIDs with the MODSEQ of their expunge, for QRESYNC's VANISHED.
 CREATE TABLE expunged (
@@ -191,14 +193,15 @@ def index_flags(txn, old, new):
         if row is None:
             raise LookupError(f"flags document {new.id} names unknown mailbox {mailbox}")
         uid, modseq = row
-        size = txn.execute(
-            "SELECT size FROM contents WHERE doc_id = ?", (data["message"],)
-        ).fetchone()
+        content = txn.execute(
+            "SELECT size, rowid FROM contents WHERE doc_id = ?", (data["message"],)
+        ).fetchone() or (0, None)
         txn.execute(
-            "INSERT INTO messages (flags_doc, mailbox, uid, content, modseq, internal_date, "
-            "internal_day, size, sysflags, keywords) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new.id, mailbox, uid, data["message"], modseq, data["date"],
-             local_day(data["date"], data.get("tz", 0)), size[0] if size else 0, sysflags,
+            "INSERT INTO messages (flags_doc, mailbox, uid, content, content_row, modseq, "
+            "internal_date, internal_day, size, sysflags, keywords) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.id, mailbox, uid, data["message"], content[1], modseq, data["date"],
+             local_day(data["date"], data.get("tz", 0)), content[0], sysflags,
              " ".join(keywords)),
         )
         txn.emit(MessageAdded(mailbox, uid, modseq))
@@ -232,6 +235,12 @@ def index_message(txn, old, new):
         "RETURNING rowid",
         (new.id, data["size"], data.get("sent_date"), data.get("sent_day")),
     ).fetchone()
+    # Messages whose flags document arrived first (possible with sync) learn their
+    # content now.
+    txn.execute(
+        "UPDATE messages SET content_row = ?, size = ? WHERE content = ? AND content_row IS NULL",
+        (rowid, data["size"], new.id),
+    )
     _index_text(txn, new.id, rowid, data)
     txn.conn.executemany(
         "INSERT OR IGNORE INTO content_parts (content, part) VALUES (?, ?)",
@@ -268,10 +277,12 @@ def _index_text(txn, doc_id, rowid, data):
     body = ""
     if data["size"] <= TEXT_INDEX_MAX:
         body = "\n".join(mime.decoded_text(raw, root, root_header=False))
-    txn.execute(
-        "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)",
-        (rowid, "\n".join(header_lines), body),
-    )
+    pending = getattr(txn, "_text_rows", None)
+    if pending is None:
+        pending = txn._text_rows = []
+        txn.before_commit(lambda: txn.conn.executemany(
+            "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)", pending))
+    pending.append((rowid, "\n".join(header_lines), body))
 
 
 def index_subscription(txn, old, new):

@@ -49,7 +49,7 @@ def _text_condition(column, text, params):
 
 
 def compile_query(node, params):
-    """SQL condition over ``m`` (messages) and ``c`` (contents) for ``node``."""
+    """SQL condition over ``m`` (a row of ``messages``) for ``node``."""
     kind = node[0]
     if kind == "all":
         return "1"
@@ -83,7 +83,8 @@ def compile_query(node, params):
         if op not in _DAY_OPS:
             raise QueryError(f"unknown date comparison {op!r}")
         params.append(day.toordinal())
-        column = "m.internal_day" if kind == "internal" else "c.sent_day"
+        column = ("m.internal_day" if kind == "internal"
+                  else "(SELECT sent_day FROM contents WHERE rowid = m.content_row)")
         return f"({column} {_DAY_OPS[op]} ?)"
     if kind == "modseq":
         params.append(node[1])
@@ -92,10 +93,10 @@ def compile_query(node, params):
         name, text = node[1].lower(), node[2]
         params.append(name)
         if text == "":
-            return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = c.rowid "
+            return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = m.content_row "
                     "AND h.name = ?))")
         params.append(f"%{_escape_like(text.casefold())}%")
-        return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = c.rowid "
+        return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = m.content_row "
                 "AND h.name = ? AND h.value LIKE ? ESCAPE '\\'))")
     if kind in ("body", "text"):
         text = node[1]
@@ -108,7 +109,7 @@ def compile_query(node, params):
                 "(" + _text_condition("headers", text, params) + " OR "
                 + _text_condition("body", text, params) + ")"
             )
-        return f"(c.rowid IN (SELECT rowid FROM text_index WHERE {condition}))"
+        return f"(m.content_row IN (SELECT rowid FROM text_index WHERE {condition}))"
     raise QueryError(f"unknown search key {kind!r}")
 
 
@@ -117,8 +118,7 @@ def search(queries, mailbox_id, node):
     params = []
     condition = compile_query(node, params)
     sql = (
-        "SELECT m.uid FROM messages m JOIN contents c ON c.doc_id = m.content "
-        f"WHERE m.mailbox = ? AND {condition} ORDER BY m.uid"
+        f"SELECT m.uid FROM messages m WHERE m.mailbox = ? AND {condition} ORDER BY m.uid"
     )
     return [uid for (uid,) in queries.execute(sql, (mailbox_id, *params))]
 
