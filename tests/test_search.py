@@ -5,6 +5,7 @@ import random
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from leapmail.mail import flags as F, mime
 from leapmail.mail.search import QueryError
@@ -148,3 +149,58 @@ async def test_unknown_key_is_a_clean_error(account):
     with pytest.raises(QueryError):
         await view.search(("bogus",))
     view.close()
+
+
+async def _pending(account):
+    return await account.store.read(lambda q: (
+        q.execute("SELECT count(*) FROM text_pending").fetchone()[0],
+        q.execute("SELECT count(*) FROM text_index").fetchone()[0]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_search_right_after_import_sees_everything(account):
+    batch = [(b"Subject: s%d\r\n\r\nbody word%d zebra\r\n" % (i, i % 7), (), None) for i in range(350)]
+    account.text_indexer.close()  # no background help: the search must finish the work
+    await account.append_many("INBOX", batch)
+    assert (await _pending(account))[0] == 350
+    view = await account.select("INBOX")
+    found = await view.search(("body", "word3 zebra"))
+    assert found == [i + 1 for i in range(350) if i % 7 == 3]
+    assert await _pending(account) == (0, 350)
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_indexing_resumes_after_restart(db_path, key):
+    from leapmail.mail.account import Account
+    from leapmail.mail.schema import MAIL
+    from leapmail.store import Store
+
+    id_key = b"i" * 32
+    store = Store.open(db_path, key, [MAIL], create=True)
+    account = Account(store, id_key)
+    account.text_indexer.close()
+    await account.setup()
+    await account.append_many(
+        "INBOX", [(b"Subject: x%d\r\n\r\nresumable text\r\n" % i, (), None) for i in range(120)])
+    assert (await _pending(account))[0] == 120
+    account.close()
+    await store.close()
+
+    store = Store.open(db_path, key, [MAIL])
+    account = Account(store, id_key)  # kicks the indexer: it works without any search
+    done = defer.Deferred()
+
+    async def wait_until_indexed():
+        while (await _pending(account))[0]:
+            await account.store.transact(lambda txn: None)  # let queued batches commit
+        done.callback(None)
+
+    defer.ensureDeferred(wait_until_indexed())
+    await done
+    assert await _pending(account) == (0, 120)
+    view = await account.select("INBOX")
+    assert len(await view.search(("text", "resumable"))) == 120
+    view.close()
+    account.close()
+    await store.close()

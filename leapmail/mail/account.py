@@ -20,13 +20,14 @@ from leapmail.mail.errors import (
     MailboxExists,
     NoSuchMailbox,
 )
-from leapmail.mail.events import Expunged, MailboxChanged, MessageAdded, FlagsChanged
+from leapmail.mail.events import ContentAdded, Expunged, FlagsChanged, MailboxChanged, MessageAdded
 from leapmail.mail.schema import (
     FLAGS_KIND,
     MAILBOX_KIND,
     SUBSCRIPTION_KIND,
 )
 from leapmail.mail.session import MailboxView
+from leapmail.mail.textindex import TextIndexer
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,12 @@ class Account:
         self._views = {}
         self._recent_floor = {}
         self._unsubscribe = store.subscribe(self._on_events)
+        self.text_indexer = TextIndexer(store)
+        self.text_indexer.kick()  # resume what a previous run left queued
 
     def close(self):
         self._unsubscribe()
+        self.text_indexer.close()
         for views in self._views.values():
             for view in list(views):
                 view.closed = True
@@ -356,6 +360,9 @@ class Account:
 
     def _on_events(self, events):
         for event in events:
+            if isinstance(event, ContentAdded):
+                self.text_indexer.kick()
+                continue
             if isinstance(event, MailboxChanged):
                 views = self._views.get(event.mailbox, [])
                 for view in list(views):

@@ -26,6 +26,13 @@ class Expunged:
 
 
 @dataclass(frozen=True)
+class ContentAdded:
+    """A message content document arrived (its text still to be indexed)."""
+
+    content: str
+
+
+@dataclass(frozen=True)
 class MailboxChanged:
     """A mailbox was created, renamed (``name`` is the new one) or deleted (``None``)."""
 

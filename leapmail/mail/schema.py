@@ -11,7 +11,13 @@ import datetime
 import time
 
 from leapmail.mail import codec
-from leapmail.mail.events import Expunged, FlagsChanged, MailboxChanged, MessageAdded
+from leapmail.mail.events import (
+    ContentAdded,
+    Expunged,
+    FlagsChanged,
+    MailboxChanged,
+    MessageAdded,
+)
 from leapmail.mail.flags import split_flags
 from leapmail.store import SchemaComponent
 
@@ -91,6 +97,11 @@ CREATE TABLE header_fields (
 );
 CREATE INDEX header_fields_by_content ON header_fields (content, name);
 CREATE VIRTUAL TABLE text_index USING fts5 (headers, body, tokenize = 'trigram');
+-- Contents whose text is not in text_index yet: indexing runs in batches after
+-- import, and a search for text first finishes it (leapmail.mail.textindex).
+CREATE TABLE text_pending (
+    content_row INTEGER PRIMARY KEY
+);
 
 CREATE TABLE subscriptions (
     name TEXT PRIMARY KEY
@@ -225,6 +236,7 @@ def index_message(txn, old, new):
         if row is not None:
             txn.execute("DELETE FROM header_fields WHERE content = ?", row)
             txn.execute("DELETE FROM text_index WHERE rowid = ?", row)
+            txn.execute("DELETE FROM text_pending WHERE content_row = ?", row)
         txn.execute("DELETE FROM content_parts WHERE content = ?", (new.id,))
         return
     if old is not None:
@@ -241,48 +253,34 @@ def index_message(txn, old, new):
         "UPDATE messages SET content_row = ?, size = ? WHERE content = ? AND content_row IS NULL",
         (rowid, data["size"], new.id),
     )
-    _index_text(txn, new.id, rowid, data)
+    _index_header(txn, new.id, rowid, data)
+    txn.execute("INSERT INTO text_pending (content_row) VALUES (?)", (rowid,))
+    txn.emit(ContentAdded(new.id))
     txn.conn.executemany(
         "INSERT OR IGNORE INTO content_parts (content, part) VALUES (?, ?)",
         [(new.id, part) for part in set(data["parts"])],
     )
 
 
-#: Messages larger than this have only their header in the full-text index: reading
-#: and decoding a huge attachment-laden message would hold the writer for long.
-TEXT_INDEX_MAX = 16 * 1024 * 1024
+def _index_header(txn, doc_id, rowid, data):
+    """Decoded header fields for SEARCH HEADER/FROM/SUBJECT..., written with the message.
 
-
-def _index_text(txn, doc_id, rowid, data):
-    """Fill the search tables from the stored documents (local import or sync alike)."""
+    Only the header is read back (it lies in the skeleton, no part is touched).  The
+    full text is indexed later, in batches (:mod:`leapmail.mail.textindex`).
+    """
     from leapmail.mail import mime
     from leapmail.mail.message import Content, read_range
 
     content = Content(doc_id, data)
-    if data["size"] <= TEXT_INDEX_MAX:
-        raw = read_range(txn, content, 0, data["size"])
-    else:
-        start, end = content.section_range((), "HEADER")
-        raw = read_range(txn, content, start, end)
-    root = mime.parse(raw)
-    rows, header_lines = [], []
-    for name, value in mime.header_fields(raw, root.start, root.header_end):
-        key = name.decode("latin-1").lower()
-        text = mime.decode_header_value(value)
-        rows.append((rowid, key, text.casefold()))
-        header_lines.append(f"{name.decode('latin-1')}: {text}")
+    root = content.tree
+    header = read_range(txn, content, root.start, root.body_start)
+    rows = [
+        (rowid, name.decode("latin-1").lower(), mime.decode_header_value(value).casefold())
+        for name, value in mime.header_fields(header, 0, root.header_end - root.start)
+    ]
     txn.conn.executemany(
         "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)", rows
     )
-    body = ""
-    if data["size"] <= TEXT_INDEX_MAX:
-        body = "\n".join(mime.decoded_text(raw, root, root_header=False))
-    pending = getattr(txn, "_text_rows", None)
-    if pending is None:
-        pending = txn._text_rows = []
-        txn.before_commit(lambda: txn.conn.executemany(
-            "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)", pending))
-    pending.append((rowid, "\n".join(header_lines), body))
 
 
 def index_subscription(txn, old, new):

@@ -123,6 +123,17 @@ def search(queries, mailbox_id, node):
     return [uid for (uid,) in queries.execute(sql, (mailbox_id, *params))]
 
 
+def uses_text(node):
+    """Whether a query needs the full-text index."""
+    if node[0] in ("body", "text"):
+        return True
+    if node[0] == "and":
+        return any(uses_text(child) for child in node[1])
+    if node[0] in ("or", "not"):
+        return any(uses_text(child) for child in node[1:])
+    return False
+
+
 def system_flag(name):
     """The bit of a system flag name (any case), or ``None``."""
     entry = flaglib.SYSTEM.get(name.lower())

@@ -169,11 +169,13 @@ class MailboxView:
             for uid, bits, kw, date, size, modseq, content in rows
         ]
 
-    def search(self, query):
+    async def search(self, query):
         """UIDs matching a :mod:`leapmail.mail.search` query, ascending."""
-        from leapmail.mail.search import search
+        from leapmail.mail.search import search, uses_text
 
-        return self.account.store.read(search, self.info.id, query)
+        if uses_text(query):
+            await self.account.text_indexer.flush()
+        return await self.account.store.read(search, self.info.id, query)
 
     def store_flags(self, uids, mode, flags, unchanged_since=None):
         return self.account.change_flags(self.info.id, uids, mode, flags, unchanged_since)

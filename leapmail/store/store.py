@@ -55,6 +55,9 @@ class Store:
         self._reader_conns = []
         self._reader_conns_lock = threading.Lock()
         self._readpool = ThreadPool(minthreads=0, maxthreads=readers, name="leapmail-store-read")
+        # Readers hold nothing that must be saved: a store left open must not keep the
+        # process from exiting.
+        self._readpool.threadFactory = _daemon_thread
         self._writer.start()
         self._writer_ready.wait()
         if self._writer_error is not None:
@@ -264,6 +267,10 @@ class Store:
                 conn.close()
             self._reader_conns.clear()
 
+
+
+def _daemon_thread(*args, **kwargs):
+    return threading.Thread(*args, daemon=True, **kwargs)
 
 
 def _observe(d):
