@@ -263,3 +263,35 @@ async def test_append_many_is_one_transaction(account):
     with pytest.raises(NoSuchMailbox):
         await account.append_many("nowhere", batch)
     assert (await account.status("INBOX"))["messages"] == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_50mb_attachment_imports_and_streams_back_exactly(account):
+    import hashlib
+
+    from leapmail.mail.message import STREAM_CHUNK, iter_range
+    from mail_corpus import big_message
+
+    raw = big_message()
+    assert len(raw) > 50_000_000
+    _, uid = await account.append("INBOX", raw)
+    counts = await doc_counts(account)
+    assert counts["blob"] == 1  # the attachment body lives in a chunked blob
+    view = await account.select("INBOX")
+    _, content = await content_of(account, view, uid)
+    digest, pieces, largest = hashlib.sha256(), 0, 0
+    async for piece in iter_range(account.store, content, 0, content.size):
+        digest.update(piece)
+        pieces += 1
+        largest = max(largest, len(piece))
+    assert digest.digest() == hashlib.sha256(raw).digest()
+    assert largest == STREAM_CHUNK and pieces == -(-len(raw) // STREAM_CHUNK)
+    start, end = content.section_range((2,), None)
+    middle = (start + end) // 2
+    assert await account.store.read(read_range, content, middle, middle + 1000) == raw[middle:middle + 1000]
+    assert await view.search(("header", "subject", "big")) == [uid]
+    # Over 16 MB the attachment stays out of the full-text index, its text part does not.
+    assert await view.search(("body", "See attachment")) == [uid]
+    assert await account.store.read(
+        lambda q: q.execute("SELECT body FROM text_index").fetchone()[0]) == "See attachment.\nbig.bin"
+    view.close()

@@ -169,6 +169,7 @@ class Content:
         self._value = value
         self._tree = None
         self._offsets = None
+        self._leaf_starts = None
 
     @property
     def tree(self):
@@ -198,6 +199,19 @@ class Content:
         for j in range(i, len(self._offsets)):
             yield (self._offsets[j], *self._pieces[j])
 
+    def leaf_at(self, offset):
+        """The index (in ``mime.leaves`` order) of the leaf whose body starts at ``offset``."""
+        if self._leaf_starts is None:
+            self._leaf_starts = {}
+            position = 0
+            for segment in self._value["skeleton"]:
+                if isinstance(segment, bytes):
+                    position += len(segment)
+                else:
+                    self._leaf_starts[position] = segment
+                    position += self._value["part_sizes"][segment]
+        return self._leaf_starts[offset]
+
     def section_range(self, path=(), part=None):
         """``(start, end)`` of an IMAP-style section, or ``None`` if there is no such part."""
         # section_range only measures the raw message for the whole-message case.
@@ -217,6 +231,23 @@ def load_content(queries, content_id):
     if doc is None or doc.kind != MESSAGE_KIND:
         return None
     return Content(content_id, codec.loads(doc.content))
+
+
+#: Largest piece :func:`iter_range` reads at once.
+STREAM_CHUNK = blobs.CHUNK_SIZE
+
+
+async def iter_range(store, content, start, end, chunk=STREAM_CHUNK):
+    """Bytes ``[start, end)`` of a stored message as an async iterator of pieces.
+
+    Each piece is one short read job of at most ``chunk`` bytes, so a 50 MB attachment
+    goes out without ever being in memory whole, and other work interleaves.
+    """
+    pos = start
+    while pos < end:
+        stop = min(end, pos + chunk)
+        yield await store.read(read_range, content, pos, stop)
+        pos = stop
 
 
 def read_range(queries, content, start, end):

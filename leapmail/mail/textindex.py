@@ -20,8 +20,9 @@ BATCH = 100
 #: Indexing starts once imports have paused this long, so that a bulk import gets
 #: the writer to itself; a text search does not wait for it (it flushes).
 IDLE_DELAY = 0.5
-#: Messages larger than this have only their header in the full-text index: reading
-#: and decoding a huge attachment-laden message would hold the writer for long.
+#: Messages up to this size are read whole for indexing.  Bigger ones are read
+#: without their non-text leaves (big attachments); text leaves over this size are
+#: left out too, so one job never holds more than about this much.
 TEXT_INDEX_MAX = 16 * 1024 * 1024
 
 
@@ -30,17 +31,32 @@ def message_text(queries, content):
     if content.size <= TEXT_INDEX_MAX:
         raw = read_range(queries, content, 0, content.size)
     else:
-        root = content.tree
-        raw = read_range(queries, content, root.start, root.body_start)
+        raw = _without_attachments(queries, content)
     root = mime.parse(raw)
     headers = "\n".join(
         f"{name.decode('latin-1')}: {mime.decode_header_value(value)}"
         for name, value in mime.header_fields(raw, root.start, root.header_end)
     )
-    body = ""
-    if content.size <= TEXT_INDEX_MAX:
-        body = "\n".join(mime.decoded_text(raw, root, root_header=False))
+    body = "\n".join(mime.decoded_text(raw, root, root_header=False))
     return headers, body
+
+
+def _without_attachments(queries, content):
+    """The message with every non-text (or huge) leaf body left empty.
+
+    Boundaries and headers all live in the skeleton, so the result parses into the
+    same structure; only bodies that hold no indexable text are missing.
+    """
+    leaves = mime.leaves(content.tree)
+    out = []
+    for offset, length, piece in content.segments():
+        if isinstance(piece, bytes):
+            out.append(piece)
+            continue
+        leaf = leaves[content.leaf_at(offset)]
+        if leaf.content_type.startswith("text/") and length <= TEXT_INDEX_MAX:
+            out.append(read_range(queries, content, offset, offset + length))
+    return b"".join(out)
 
 
 def index_pending(txn, limit=BATCH, upto=None):
