@@ -8,13 +8,19 @@ Layout (``init`` creates the directory 0700 and every file in it 0600)::
     store.db-wal, store.db-shm, store.db.lock   SQLite's WAL files and our lock
 """
 
+import functools
 import json
 import os
 
 from leapmail.crypto import SecretsBundle, seal, unseal
 from leapmail.errors import LeapmailError
 from leapmail.fsutil import atomic_write
+from leapmail.mail.account import keyed_id, setup_mailboxes
+from leapmail.mail.schema import MAIL
 from leapmail.store import Database, Store
+
+#: The schema components of an account's store.
+COMPONENTS = (MAIL,)
 
 
 class HomeError(LeapmailError):
@@ -56,7 +62,11 @@ class Home:
             bundle = SecretsBundle.generate()
             atomic_write(self.config_path, _json({"address": address}))
             atomic_write(self.secrets_path, seal(bundle, passphrase))
-        Database.open(self.store_path, bundle.storage_key, create=True).close()
+        database = Database.open(self.store_path, bundle.storage_key, COMPONENTS, create=True)
+        try:
+            database.run(setup_mailboxes, functools.partial(keyed_id, bundle.id_key))
+        finally:
+            database.close()
         return bundle
 
     def config(self):
@@ -83,10 +93,10 @@ class Home:
         bundle = self.unlock(old)
         atomic_write(self.secrets_path, seal(bundle, new))
 
-    def open_database(self, bundle, components=(), upgrade=True):
+    def open_database(self, bundle, components=COMPONENTS, upgrade=True):
         return Database.open(self.store_path, bundle.storage_key, components, upgrade=upgrade)
 
-    def open_store(self, bundle, components=(), reactor=None):
+    def open_store(self, bundle, components=COMPONENTS, reactor=None):
         return Store.open(self.store_path, bundle.storage_key, components, reactor=reactor)
 
 

@@ -1,15 +1,18 @@
 """The daemon as a twistd service: ``twistd -n leapmail --home DIR``.
 
-For now it unlocks the account and holds its store open; the IMAP and SMTP listeners
-and the sync loop are services that later releases add under this one.
+For now it unlocks the account, holds its store open and keeps the mail core running
+(full-text indexing); the IMAP and SMTP listeners and the sync loop are services that
+later releases add under this one.
 """
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from leapmail.errors import LeapmailError
 from leapmail.home import Home, default_home
+from leapmail.mail.account import Account
 from leapmail.passphrase import read_passphrase
 from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
@@ -29,13 +32,18 @@ class Options(usage.Options):
 
 
 class StoreService(service.Service):
-    """Owns the open store.  The store's threads start here, after twistd has forked."""
+    """Owns the open store and the account's mail.
+
+    The store's threads start here, after twistd has forked.
+    """
 
     log = Logger()
 
-    def __init__(self, database):
+    def __init__(self, database, id_key):
         self.database = database
+        self._id_key = id_key
         self.store = None
+        self.account = None
 
     def startService(self):
         service.Service.startService(self)
@@ -43,10 +51,15 @@ class StoreService(service.Service):
         self.database.claim()
         freeze_startup_heap()
         self.store = Store(self.database)
+        self.account = Account(self.store, self._id_key)
+        defer.ensureDeferred(self.account.setup()).addErrback(
+            lambda f: self.log.failure("could not create the standard mailboxes", f))
         self.log.info("store {path} open", path=self.database.path)
 
     def stopService(self):
         service.Service.stopService(self)
+        if self.account is not None:
+            self.account.close()
         if self.store is not None:
             return self.store.close()
         self.database.close()
@@ -62,5 +75,5 @@ def makeService(options):
     except LeapmailError as e:
         raise SystemExit(f"leapmail: {e}") from None
     top = service.MultiService()
-    StoreService(database).setServiceParent(top)
+    StoreService(database, bundle.id_key).setServiceParent(top)
     return top

@@ -93,7 +93,7 @@ def test_check_reports_a_damaged_page(home):
         "h = Home(sys.argv[1]); b = h.unlock(sys.argv[2]); db = h.open_database(b);"
         "c = db.connect(); c.execute('BEGIN');"
         "[c.execute('INSERT INTO documents (id, kind, rev, gen, content) VALUES (?, ?, 1, ?, ?)',"
-        " (f'd{i}', 'n', i + 1, bytes(300))) for i in range(1000)];"
+        " (f'd{i}', 'n', 10**6 + i, bytes(300))) for i in range(1000)];"
         "c.execute('COMMIT'); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close(); db.close()"
     )
     subprocess.run([sys.executable, "-c", script, home, PASS], check=True)

@@ -127,3 +127,20 @@ async def test_subscriptions_outlive_mailboxes(account):
     await account.unsubscribe("tmp")
     assert "tmp" not in await account.subscriptions()
     await account.unsubscribe("never")  # harmless
+
+
+@pytest_twisted.ensureDeferred
+async def test_init_creates_the_standard_mailboxes(tmp_path):
+    from leapmail.home import Home
+
+    home = Home(tmp_path / "acct")
+    bundle = home.create("words", "me@example.org")
+    store = home.open_store(bundle)
+    account = Account(store, bundle.id_key)
+    try:
+        assert sorted(m.name for m in await account.mailboxes()) == [
+            "Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash"]
+        assert await account.subscriptions() == ["Archive", "Drafts", "Junk", "Sent", "Trash"]
+    finally:
+        account.close()
+        await store.close()

@@ -88,25 +88,13 @@ class Account:
         self._views.clear()
 
     def keyed_id(self, label, data):
-        """A document id for content: keyed, so the provider cannot confirm a known file."""
-        mac = hmac.new(self._id_key, label.encode("ascii") + b"\0", sha256)
-        mac.update(data)
-        return mac.hexdigest()[:32]
+        return keyed_id(self._id_key, label, data)
 
     # -- mailboxes -------------------------------------------------------------------
 
     async def setup(self):
         """Create INBOX and the special-use mailboxes if missing (idempotent)."""
-
-        def job(txn):
-            wanted = [(names.INBOX, None)] + [(n, r) for n, r in names.SPECIAL_USE.items()]
-            for name, role in wanted:
-                if _find(txn, name) is None:
-                    _put_mailbox(txn, name, role)
-                    if role:
-                        self._subscribe(txn, name)
-
-        await self.store.transact(job)
+        await self.store.transact(setup_mailboxes, self.keyed_id)
 
     async def mailboxes(self):
         rows = await self.store.read(
@@ -197,9 +185,7 @@ class Account:
     # -- subscriptions ---------------------------------------------------------------
 
     def _subscribe(self, txn, name):
-        doc_id = self.keyed_id("subscription", name.encode("utf-8"))
-        if txn.get(doc_id) is None:
-            txn.put(doc_id, SUBSCRIPTION_KIND, codec.dumps({"name": name}))
+        _subscribe(txn, self.keyed_id, name)
 
     def _unsubscribe_name(self, txn, name):
         txn.delete(self.keyed_id("subscription", name.encode("utf-8")))
@@ -465,6 +451,32 @@ class Account:
             return target.uidvalidity, pairs
 
         return await self.store.transact(job)
+
+
+def keyed_id(id_key, label, data):
+    """A document id for content: HMAC-SHA-256 under ``id_key``, 128 bits, hex.
+
+    Keyed, so that the provider cannot confirm that a user holds a known file.
+    """
+    mac = hmac.new(id_key, label.encode("ascii") + b"\0", sha256)
+    mac.update(data)
+    return mac.hexdigest()[:32]
+
+
+def _subscribe(txn, keyed, name):
+    doc_id = keyed("subscription", name.encode("utf-8"))
+    if txn.get(doc_id) is None:
+        txn.put(doc_id, SUBSCRIPTION_KIND, codec.dumps({"name": name}))
+
+
+def setup_mailboxes(txn, keyed):
+    """A store job: INBOX and the special-use mailboxes (subscribed), where missing."""
+    wanted = [(names.INBOX, None)] + list(names.SPECIAL_USE.items())
+    for name, role in wanted:
+        if _find(txn, name) is None:
+            _put_mailbox(txn, name, role)
+            if role:
+                _subscribe(txn, keyed, name)
 
 
 def _chunks(items, size):

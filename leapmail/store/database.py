@@ -187,6 +187,30 @@ class Database:
             raise
         return db
 
+    def run(self, fn, *args):
+        """Run one write job ``fn(txn, *args)`` here and now, blocking (for tools that
+        run without a reactor, before or instead of a :class:`Store`)."""
+        from leapmail.store.documents import Committer
+
+        conn = self.connect()
+        try:
+            committer = Committer(conn, self.path, self.indexers(), lambda e: (
+                classify(self.path, e) if isinstance(e, self.driver.Error) else None))
+            ((ok, value),) = committer.run_batch([(fn, args)])
+        finally:
+            conn.close()
+        if not ok:
+            raise value
+        return value
+
+    def indexers(self):
+        """``{kind: [indexer, ...]}`` of every component."""
+        result = {}
+        for component in self.components:
+            for kind, indexer in component.indexers.items():
+                result.setdefault(kind, []).append(indexer)
+        return result
+
     def claim(self):
         """Record this process as the lock holder (after a daemon forked away from us)."""
         self._lock.record_pid()

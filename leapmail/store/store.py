@@ -38,10 +38,7 @@ class Store:
         self.database = database
         self.path = database.path
         self._reactor = reactor
-        self._indexers = {}
-        for component in database.components:
-            for kind, indexer in component.indexers.items():
-                self._indexers.setdefault(kind, []).append(indexer)
+        self._indexers = database.indexers()
         self._jobs = queue.SimpleQueue()
         self._subscribers = []
         self._closed = False
