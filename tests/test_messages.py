@@ -219,8 +219,10 @@ async def test_flag_changes_carry_modseq_and_unchanged_since(account):
     assert changed[1][0] == ("\\Seen", "\\Flagged", "$Label1")
     changed, refused = await view.store_flags([1, 2], "remove", ["\\flagged"], unchanged_since=base + 1)
     assert list(changed) == [1] and refused == [2]
-    changed, _ = await view.store_flags([1], "set", ["$label1"])  # same keyword, any case: no change? set replaces
+    # "set" replaces the whole list (here: drops \Seen, respells the keyword) ...
+    changed, _ = await view.store_flags([1], "set", ["$label1"])
     assert changed[1][0] == ("$label1",)
+    # ... while adding a keyword already there, in any case, changes nothing.
     changed, _ = await view.store_flags([1], "add", ["$LABEL1"])
     assert changed == {}
     view.close()
