@@ -261,6 +261,8 @@ class Account:
 
     async def status(self, name):
         name = names.normalize(name)
+        # The in-memory floors belong to the reactor thread: the query gets a copy.
+        floors = dict(self._recent_floor)
 
         def query(q):
             info = _require(q, name)
@@ -271,7 +273,7 @@ class Account:
             ).fetchone()
             recent = q.execute(
                 "SELECT count(*) FROM messages WHERE mailbox = ? AND uid >= ?",
-                (info.id, self._floor(q, info)),
+                (info.id, floors.get(info.id) or _stored_floor(q, info.id)),
             ).fetchone()[0]
             size = q.execute(
                 "SELECT coalesce(sum(size), 0) FROM messages WHERE mailbox = ?", (info.id,)
@@ -312,13 +314,6 @@ class Account:
         views = self._views.get(view.info.id)
         if views and view in views:
             views.remove(view)
-
-    def _floor(self, queries, info):
-        if info.id in self._recent_floor:
-            return self._recent_floor[info.id]
-        return queries.execute(
-            "SELECT recent_floor FROM mailboxes WHERE doc_id = ?", (info.id,)
-        ).fetchone()[0]
 
     def _claim_recent(self, mailbox, snapshot_info, uids):
         """The UIDs that are \\Recent for the claiming session: exactly one session each.
@@ -514,6 +509,12 @@ def collect_content(txn, content_id):
         from leapmail.mail.message import delete_part
 
         delete_part(txn, part)
+
+
+def _stored_floor(queries, mailbox_id):
+    return queries.execute(
+        "SELECT recent_floor FROM mailboxes WHERE doc_id = ?", (mailbox_id,)
+    ).fetchone()[0]
 
 
 def _snapshot(queries, mailbox_id):

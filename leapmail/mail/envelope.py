@@ -63,6 +63,7 @@ _LPAREN, _RPAREN, _LT, _GT = 0x28, 0x29, 0x3C, 0x3E
 _COMMA, _COLON, _SEMICOLON = 0x2C, 0x3A, 0x3B
 _LBRACKET, _RBRACKET = 0x5B, 0x5D
 _CR, _LF, _NUL = 0x0D, 0x0A, 0x00
+_SHARED = (_NUL, _LF, _BACKSLASH)
 
 
 # Dovecot reads header lines (with CRLF line ends) through a buffer of this size; a
@@ -259,6 +260,31 @@ class _AddressParser:
 
     # -- lexical level ------------------------------------------------------------
 
+    def _shared(self, out, c, start):
+        """NUL, a line end or a backslash, which comments and quoted strings treat alike
+        (as Dovecot's rfc822-parser does).  Moves the text before ``self.pos`` into
+        ``out`` as needed and returns where pending text now starts, or -1 when a
+        backslash ends the input."""
+        data = self.data
+        if c == _NUL:
+            out += data[start:self.pos]
+            out += NUL_REPLACEMENT
+            return self.pos + 1
+        if c == _LF:
+            stop = self.pos
+            if stop > start and data[stop - 1] == _CR:
+                stop -= 1
+            out += data[start:stop]
+            return self.pos + 1
+        self.pos += 1  # a backslash
+        if self.pos >= self.end:
+            return -1
+        if data[self.pos] in (_CR, _LF, _NUL):
+            self.pos -= 1  # no quoted pair: the backslash is text
+            return start
+        out += data[start:self.pos - 1]
+        return self.pos
+
     def skip_comment(self):
         data, end = self.data, self.end
         out = self.last_comment
@@ -268,10 +294,10 @@ class _AddressParser:
         level = 1
         while self.pos < end:
             c = data[self.pos]
-            if c == _NUL:
-                out += data[start:self.pos]
-                out += NUL_REPLACEMENT
-                start = self.pos + 1
+            if c in _SHARED:
+                start = self._shared(out, c, start)
+                if start < 0:
+                    return -1
             elif c == _LPAREN:
                 level += 1
             elif c == _RPAREN:
@@ -280,21 +306,6 @@ class _AddressParser:
                     out += data[start:self.pos]
                     self.pos += 1
                     return 1 if self.pos < end else 0
-            elif c == _LF:
-                stop = self.pos
-                if stop > start and data[stop - 1] == _CR:
-                    stop -= 1
-                out += data[start:stop]
-                start = self.pos + 1
-            elif c == _BACKSLASH:
-                self.pos += 1
-                if self.pos >= end:
-                    return -1
-                if data[self.pos] in (_CR, _LF, _NUL):
-                    self.pos -= 1
-                else:
-                    out += data[start:self.pos - 1]
-                    start = self.pos
             self.pos += 1
         return -1
 
@@ -357,29 +368,14 @@ class _AddressParser:
         start = self.pos
         while self.pos < end:
             c = data[self.pos]
-            if c == _NUL:
-                out += data[start:self.pos]
-                out += NUL_REPLACEMENT
-                start = self.pos + 1
+            if c in _SHARED:
+                start = self._shared(out, c, start)
+                if start < 0:
+                    return -1
             elif c == _DQUOTE:
                 out += data[start:self.pos]
                 self.pos += 1
                 return self.skip_lwsp()
-            elif c == _LF:
-                stop = self.pos
-                if stop > start and data[stop - 1] == _CR:
-                    stop -= 1
-                out += data[start:stop]
-                start = self.pos + 1
-            elif c == _BACKSLASH:
-                self.pos += 1
-                if self.pos >= end:
-                    return -1
-                if data[self.pos] in (_CR, _LF, _NUL):
-                    self.pos -= 1
-                else:
-                    out += data[start:self.pos - 1]
-                    start = self.pos
             self.pos += 1
         return -1
 

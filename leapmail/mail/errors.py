@@ -28,9 +28,3 @@ class MailboxExists(MailError):
 class CannotDeleteInbox(MailError):
     def __init__(self):
         super().__init__("INBOX cannot be deleted")
-
-
-class MailboxGone(MailError):
-    def __init__(self, name):
-        self.name = name
-        super().__init__(f"mailbox {name!r} has been deleted")

@@ -13,7 +13,6 @@ SYSTEM = {
     "\\deleted": ("\\Deleted", DELETED),
     "\\draft": ("\\Draft", DRAFT),
 }
-RECENT = "\\Recent"
 
 
 def normalize(flags):

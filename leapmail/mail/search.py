@@ -20,8 +20,6 @@ Text matches are case-insensitive substring matches on decoded text (RFC 3501 6.
 served by the trigram full-text index for needles of three characters or more.
 """
 
-from leapmail.mail import flags as flaglib
-
 _DAY_OPS = {"before": "<", "on": "=", "since": ">="}
 
 
@@ -132,9 +130,3 @@ def uses_text(node):
     if node[0] in ("or", "not"):
         return any(uses_text(child) for child in node[1:])
     return False
-
-
-def system_flag(name):
-    """The bit of a system flag name (any case), or ``None``."""
-    entry = flaglib.SYSTEM.get(name.lower())
-    return entry[1] if entry else None
