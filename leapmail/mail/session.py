@@ -147,27 +147,27 @@ class MailboxView:
 
     async def meta(self, uids):
         """Per-message metadata for known ``uids`` (ascending), one query per 500."""
-        mailbox = self.info.id
+        return await self.account.store.read(read_meta, self.info.id, uids)
 
-        def query(q):
-            result = []
-            for start in range(0, len(uids), 500):
-                batch = uids[start:start + 500]
-                marks = ",".join("?" * len(batch))
-                result += q.execute(
-                    "SELECT uid, sysflags, keywords, internal_date, size, modseq, content "
-                    f"FROM messages WHERE mailbox = ? AND uid IN ({marks}) ORDER BY uid",
-                    (mailbox, *batch),
-                ).fetchall()
-            return result
+    def forget_flag_changes(self, changed):
+        """Drop pending flag news this session has already told its client about.
 
-        from leapmail.mail.flags import join_flags
-
-        rows = await self.account.store.read(query)
-        return [
-            MessageMeta(uid, tuple(join_flags(bits, kw)), date, size, modseq, content)
-            for uid, bits, kw, date, size, modseq, content in rows
+        ``changed`` maps UID to the MODSEQ the client was told; a later change made
+        elsewhere (higher MODSEQ) is still reported.
+        """
+        self._pending = [
+            (event, recent) for event, recent in self._pending
+            if not (isinstance(event, FlagsChanged) and event.uid in changed
+                    and event.modseq <= changed[event.uid])
         ]
+
+    async def overview(self):
+        """What SELECT reports beyond counts: the first unseen UID and keywords in use."""
+        return await self.account.store.read(_overview, self.info.id)
+
+    async def vanished_since(self, modseq, ranges=None):
+        """UIDs expunged with a MODSEQ above ``modseq`` (within UID ``ranges``)."""
+        return await self.account.store.read(_vanished, self.info.id, modseq, ranges)
 
     async def search(self, query):
         """UIDs matching a :mod:`leapmail.mail.search` query, ascending."""
@@ -192,3 +192,50 @@ class MailboxView:
     def close(self):
         self.closed = True
         self.account._release(self)
+
+
+def read_meta(queries, mailbox, uids):
+    """:class:`MessageMeta` for ``uids`` of a mailbox, ascending: a store read job."""
+    from leapmail.mail.flags import join_flags
+
+    result = []
+    for start in range(0, len(uids), 500):
+        batch = uids[start:start + 500]
+        marks = ",".join("?" * len(batch))
+        result += queries.execute(
+            "SELECT uid, sysflags, keywords, internal_date, size, modseq, content "
+            f"FROM messages WHERE mailbox = ? AND uid IN ({marks}) ORDER BY uid",
+            (mailbox, *batch),
+        ).fetchall()
+    return [
+        MessageMeta(uid, tuple(join_flags(bits, kw)), date, size, modseq, content)
+        for uid, bits, kw, date, size, modseq, content in result
+    ]
+
+
+def _overview(queries, mailbox):
+    from leapmail.mail.flags import SEEN
+
+    row = queries.execute(
+        "SELECT min(uid) FROM messages WHERE mailbox = ? AND (sysflags & ?) = 0",
+        (mailbox, SEEN),
+    ).fetchone()
+    keywords = {}
+    for (words,) in queries.execute(
+        "SELECT DISTINCT keywords FROM messages WHERE mailbox = ? AND keywords != ''",
+        (mailbox,),
+    ):
+        for word in words.split(" "):
+            if word:
+                keywords.setdefault(word.lower(), word)
+    return {"first_unseen": row[0], "keywords": sorted(keywords.values(), key=str.lower)}
+
+
+def _vanished(queries, mailbox, modseq, ranges):
+    uids = [uid for (uid,) in queries.execute(
+        "SELECT uid FROM expunged WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+        (mailbox, modseq),
+    )]
+    if ranges is not None:
+        uids = [uid for uid in uids if any(low <= uid <= high for low, high in ranges)]
+    return uids

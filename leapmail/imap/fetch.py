@@ -1,0 +1,252 @@
+"""FETCH: the attribute grammar (RFC 3501 6.4.5, RFC 7162) and the response items.
+
+Responses are built per batch of messages in one store read (a reader thread), so a
+``UID FETCH 1:*`` over 100,000 messages is a few hundred short jobs, never one huge
+one.  Sections larger than :data:`STREAM_THRESHOLD` are not read there: the server
+streams them afterwards, piece by piece, with back-pressure.
+"""
+
+import datetime
+from dataclasses import dataclass
+
+from leapmail.imap import encode
+from leapmail.imap.parser import ParseError
+from leapmail.mail.headers import filter_fields
+from leapmail.mail.message import load_content, read_range
+
+#: Sections up to this size are read with the batch; bigger ones are streamed.
+STREAM_THRESHOLD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Section:
+    """``BODY[...]``: a MIME part path and what of it, with an optional partial."""
+
+    name: bytes          # what the response calls it, e.g. b"BODY[1.HEADER]"
+    path: tuple = ()
+    part: str = None     # None, "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"
+    fields: tuple = ()
+    partial: tuple = None  # (start, length)
+    peek: bool = False
+
+
+SIMPLE = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY",
+          "BODYSTRUCTURE", "MODSEQ"}
+MACROS = {
+    "ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+    "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+    "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
+}
+_HEADER_NAME_EXCLUDED = set(b"(){ %*\"\\]:") | set(range(0x21)) | {0x7F}
+
+
+def parse_items(cursor):
+    """The fetch attributes: a list of names (str) and :class:`Section` s."""
+    if cursor.peek() == b"(":
+        items = cursor.paren_list(lambda: _item(cursor, _word(cursor)))
+        if not items:
+            raise ParseError("empty fetch attribute list")
+        return items
+    word = _word(cursor)
+    if word in MACROS:
+        return list(MACROS[word])
+    return [_item(cursor, word)]
+
+
+def _word(cursor):
+    word = cursor._run(set(b"[ ()<") | set(range(0x20)))
+    if not word:
+        raise ParseError("expected a fetch attribute")
+    return word.upper().decode("ascii", "replace")
+
+
+def _item(cursor, word):
+    if word in ("BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK") and cursor.peek() == b"[":
+        if word.startswith("BINARY"):
+            raise ParseError("BINARY is not supported")
+        return _section(cursor, peek=word == "BODY.PEEK")
+    if word in SIMPLE:
+        if cursor.peek() == b"[":
+            raise ParseError(f"{word} takes no section")
+        return word
+    if word == "RFC822":
+        return Section(b"RFC822")
+    if word == "RFC822.HEADER":
+        return Section(b"RFC822.HEADER", part="HEADER", peek=True)
+    if word == "RFC822.TEXT":
+        return Section(b"RFC822.TEXT", part="TEXT")
+    if word in ("BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK") and cursor.peek() == b"[":
+        if word.startswith("BINARY"):
+            raise ParseError("BINARY is not supported")
+        return _section(cursor, peek=word == "BODY.PEEK")
+    raise ParseError(f"unknown fetch attribute {word}")
+
+
+def _section(cursor, peek):
+    cursor.expect(b"[")
+    path, part, fields = [], None, ()
+    spec = cursor._run(set(b"] (") | set(range(0x20))).upper()
+    if spec:
+        pieces = spec.split(b".")
+        i = 0
+        while i < len(pieces) and pieces[i].isdigit():
+            if pieces[i].startswith(b"0") or len(pieces[i]) > 9:
+                raise ParseError("invalid section part number")
+            path.append(int(pieces[i]))
+            i += 1
+        rest = b".".join(pieces[i:]).decode("ascii", "replace")
+        if rest:
+            if rest not in ("HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+                raise ParseError(f"invalid section {spec.decode('ascii', 'replace')}")
+            if rest == "MIME" and not path:
+                raise ParseError("MIME needs a part number")
+            part = rest
+    if part in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        cursor.sp()
+        names = cursor.paren_list(lambda: cursor.astring("a header field name"))
+        if not names:
+            raise ParseError("empty header field list")
+        for name in names:
+            if not name or any(c in _HEADER_NAME_EXCLUDED for c in name):
+                raise ParseError("invalid header field name")
+        fields = tuple(name.upper().decode("ascii") for name in names)
+    cursor.expect(b"]", "expected ']' after the section")
+    partial = None
+    if cursor.skip(b"<"):
+        start = cursor.number("a partial start")
+        cursor.expect(b".", "expected '.' in the partial range")
+        length = cursor.number("a partial length", nonzero=True)
+        cursor.expect(b">")
+        partial = (start, length)
+    text = b".".join(str(n).encode() for n in path)
+    if part:
+        text = (text + b"." if text else b"") + part.encode()
+        if fields:
+            text += b" (" + b" ".join(fields[i].encode() for i in range(len(fields))) + b")"
+    return Section(b"BODY[" + text + b"]", tuple(path), part, fields, partial, peek)
+
+
+def sets_seen(items):
+    return any(isinstance(item, Section) and not item.peek for item in items)
+
+
+def needs_content(items):
+    return any(isinstance(item, Section) or item in ("ENVELOPE", "BODY", "BODYSTRUCTURE")
+               for item in items)
+
+
+# -- rendering --------------------------------------------------------------------------
+
+_MONTH_NAMES = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                "Nov", "Dec"]
+
+
+def internal_date(timestamp, tz_minutes=0):
+    zone = datetime.timezone(datetime.timedelta(minutes=tz_minutes))
+    when = datetime.datetime.fromtimestamp(timestamp, zone)
+    sign = "-" if tz_minutes < 0 else "+"
+    offset = abs(tz_minutes)
+    return (f'"{when.day:2d}-{_MONTH_NAMES[when.month - 1]}-{when.year:04d} '
+            f'{when.hour:02d}:{when.minute:02d}:{when.second:02d} '
+            f'{sign}{offset // 60:02d}{offset % 60:02d}"').encode()
+
+
+def flag_list(flags, recent):
+    words = list(flags)
+    if recent:
+        words.append("\\Recent")
+    return b"(" + " ".join(words).encode("utf-8") + b")"
+
+
+class Stream:
+    """A section too big to read with the batch: streamed by the server."""
+
+    __slots__ = ("content", "start", "end")
+
+    def __init__(self, content, start, end):
+        self.content, self.start, self.end = content, start, end
+
+
+def section_bytes_range(content, section, queries):
+    """``(start, end)`` in the stored message, or bytes (HEADER.FIELDS), or None."""
+    part = section.part
+    if part in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        where = content.section_range(section.path, "HEADER")
+        if where is None:
+            return None
+        block = read_range(queries, content, *where)
+        return filter_fields(block, section.fields, part == "HEADER.FIELDS")
+    return content.section_range(section.path, part)
+
+
+def render_message(queries, meta, content, seq, items, recent, condstore, uid_first=True):
+    """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces."""
+    out = [b"* %d FETCH (" % seq]
+    parts = []
+    if uid_first or "UID" in items:
+        parts.append([b"UID %d" % meta.uid])
+    for item in items:
+        if item == "UID":
+            continue
+        if item == "FLAGS":
+            parts.append([b"FLAGS " + flag_list(meta.flags, recent)])
+        elif item == "INTERNALDATE":
+            parts.append([b"INTERNALDATE " + internal_date(meta.internal_date)])
+        elif item == "RFC822.SIZE":
+            parts.append([b"RFC822.SIZE %d" % meta.size])
+        elif item == "MODSEQ":
+            parts.append([b"MODSEQ (%d)" % meta.modseq])
+        elif item == "ENVELOPE":
+            parts.append([b"ENVELOPE " + encode.encode_envelope(content.envelope)])
+        elif item == "BODY":
+            parts.append([b"BODY " + encode.encode_bodystructure(content.bodystructure, False)])
+        elif item == "BODYSTRUCTURE":
+            parts.append([b"BODYSTRUCTURE "
+                          + encode.encode_bodystructure(content.bodystructure, True)])
+        else:
+            parts.append(_render_section(queries, content, item))
+    if condstore and "FLAGS" in items and "MODSEQ" not in items:
+        parts.append([b"MODSEQ (%d)" % meta.modseq])
+    first = True
+    for piece in parts:
+        if not first:
+            out.append(b" ")
+        first = False
+        out.extend(piece)
+    out.append(b")\r\n")
+    return out
+
+
+def _render_section(queries, content, section):
+    name = section.name
+    where = section_bytes_range(content, section, queries) if content is not None else None
+    if where is None:
+        data = b""
+        start, end = 0, 0
+    elif isinstance(where, bytes):
+        data = where
+        start, end = 0, len(where)
+    else:
+        data = None
+        start, end = where
+    if section.partial is not None:
+        offset, length = section.partial
+        name += b"<%d>" % offset
+        start, end = min(start + offset, end), min(start + offset + length, end)
+        if data is not None:
+            data = data[offset:offset + length]
+    if data is not None:
+        return [name + b" {%d}\r\n" % len(data), data]
+    if end - start > STREAM_THRESHOLD:
+        return [name + b" {%d}\r\n" % (end - start), Stream(content, start, end)]
+    return [name + b" {%d}\r\n" % (end - start), read_range(queries, content, start, end)]
+
+
+def render_batch(queries, metas, seqs, items, recent, condstore, want_content):
+    """Responses for a batch, in a reader thread: ``[[piece, ...], ...]``."""
+    responses = []
+    for meta, seq in zip(metas, seqs):
+        content = load_content(queries, meta.content) if want_content else None
+        responses.append(render_message(queries, meta, content, seq, items,
+                                        meta.uid in recent, condstore))
+    return responses
