@@ -45,6 +45,15 @@ def _check(args):
     print(f"{database.path}: ok")
 
 
+def _credentials(args):
+    home = Home(args.home)
+    bundle = home.unlock(read_passphrase())
+    address = home.address()
+    # The one place a secret is printed: the user asked for it, to type into a client.
+    print(f"username: {address}")
+    print(f"password: {bundle.client_password}")
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     # Accepted before or after the command: 'leapmail --home D init' and 'leapmail init --home D'.
@@ -66,6 +75,9 @@ def build_parser():
     p = commands.add_parser("check", parents=[common],
                             help="verify every page of the store (reads the whole file)")
     p.set_defaults(run=_check)
+    p = commands.add_parser("credentials", parents=[common],
+                            help="print the username and password for local IMAP/SMTP clients")
+    p.set_defaults(run=_credentials)
     return parser
 
 

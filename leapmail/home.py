@@ -6,13 +6,15 @@ Layout (``init`` creates the directory 0700 and every file in it 0600)::
     config.json     non-secret settings (the account address)
     store.db        the SQLCipher store, keyed with the bundle's storage key
     store.db-wal, store.db-shm, store.db.lock   SQLite's WAL files and our lock
+    tls-cert.pem, tls-key.pem   the daemon's TLS certificate (see leapmail.tls)
 """
 
+import fcntl
 import functools
 import json
 import os
 
-from leapmail.crypto import SecretsBundle, seal, unseal
+from leapmail.crypto import SecretsBundle, new_client_password, seal, unseal
 from leapmail.errors import LeapmailError
 from leapmail.fsutil import atomic_write
 from leapmail.mail.account import keyed_id, setup_mailboxes
@@ -78,7 +80,29 @@ class Home:
         except ValueError:
             raise HomeError(f"{self.config_path} is not valid JSON; fix or remove it") from None
 
+    def address(self):
+        """The account's mail address: the username of its local IMAP and SMTP."""
+        config = self.config()
+        address = config.get("address") if isinstance(config, dict) else None
+        if not isinstance(address, str) or not address:
+            raise HomeError(
+                f"{self.config_path} does not name the account's address; "
+                'write {"address": "you@example.org"} into it'
+            )
+        return address
+
     def unlock(self, passphrase):
+        """Open the secrets bundle.
+
+        A bundle sealed before client passwords existed gets one here, re-sealed under
+        the same passphrase, so every unlocked bundle has a ``client_password``.
+        """
+        bundle = self._read_bundle(passphrase)
+        if bundle.client_password is None:
+            bundle = self._add_client_password(passphrase)
+        return bundle
+
+    def _read_bundle(self, passphrase):
         try:
             with open(self.secrets_path, "rb") as f:
                 data = f.read()
@@ -87,6 +111,21 @@ class Home:
                 f"no account in {self.path}: create one with 'leapmail init --home {self.path}'"
             ) from None
         return unseal(data, passphrase, path=self.secrets_path)
+
+    def _add_client_password(self, passphrase):
+        # The daemon and 'leapmail credentials' may both be the first to unlock an old
+        # bundle; without the lock each would store a different password and one of
+        # them would hand out a password that no longer works.
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            bundle = self._read_bundle(passphrase)
+            if bundle.client_password is None:
+                bundle.client_password = new_client_password()
+                atomic_write(self.secrets_path, seal(bundle, passphrase))
+        finally:
+            os.close(fd)
+        return bundle
 
     def change_passphrase(self, old, new):
         """Re-seal the bundle under ``new``; the store and its keys stay as they are."""

@@ -1,6 +1,9 @@
 """The leapmail command and the twistd plugin, as real processes."""
 
+import base64
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,3 +206,134 @@ def test_detached_daemon_names_itself_in_the_lock(home, tmp_path):
         while os.path.exists(pidfile):
             assert time.monotonic() < deadline, "daemon did not stop"
             time.sleep(0.05)
+
+
+def credentials(home, **kw):
+    result = leapmail("--home", home, "credentials", **kw)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    match = re.fullmatch(r"username: (\S+)\npassword: (\S+)\n", result.stdout.decode())
+    assert match, result.stdout
+    return match.group(1), match.group(2)
+
+
+def test_credentials_prints_the_address_and_a_strong_password(home):
+    username, password = credentials(home)
+    assert username == "me@example.org"
+    # secrets.token_urlsafe(24): 24 random bytes, 32 URL-safe characters.
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", password)
+    assert len(base64.urlsafe_b64decode(password)) * 8 >= 128
+    # The same password every time: it lives in the bundle, it is not made up per call.
+    assert credentials(home) == (username, password)
+    result = leapmail("credentials", "--home", home)
+    assert result.stdout.decode() == f"username: {username}\npassword: {password}\n"
+
+
+def test_the_password_generator_draws_at_least_128_random_bits():
+    from leapmail.crypto import SecretsBundle, new_client_password
+    from leapmail.crypto.bundle import CLIENT_PASSWORD_BYTES
+
+    assert CLIENT_PASSWORD_BYTES * 8 >= 128
+    raw = [base64.urlsafe_b64decode(new_client_password()) for _ in range(2000)]
+    assert {len(r) for r in raw} == {CLIENT_PASSWORD_BYTES}
+    assert len(set(raw)) == len(raw)
+    # Every one of the bits varies, about half the time each: no byte is fixed or biased.
+    # (With 2000 samples, the odds that any fair bit strays outside 0.4..0.6 are < 1e-16.)
+    for bit in range(CLIENT_PASSWORD_BYTES * 8):
+        ones = sum((r[bit // 8] >> (bit % 8)) & 1 for r in raw)
+        assert 0.4 < ones / len(raw) < 0.6, bit
+    assert SecretsBundle.generate().client_password != SecretsBundle.generate().client_password
+
+
+def test_credentials_stay_sealed(home):
+    _, password = credentials(home)
+    for name in os.listdir(home):
+        with open(os.path.join(home, name), "rb") as f:
+            assert password.encode() not in f.read(), name
+
+
+def test_every_account_gets_its_own_password(tmp_path, home):
+    other = str(tmp_path / "other")
+    assert leapmail("init", "--home", other, "--address", "me@example.org").returncode == 0
+    assert credentials(home)[1] != credentials(other)[1]
+
+
+def test_credentials_errors_are_one_line(home, tmp_path):
+    result = leapmail("--home", home, "credentials", passphrase="not it")
+    assert_clean_failure(result, f"leapmail: wrong passphrase for {home}/secrets.json\n")
+    assert result.stdout == b""
+    missing = str(tmp_path / "nothing")
+    result = leapmail("credentials", "--home", missing)
+    assert_clean_failure(
+        result,
+        f"leapmail: no account in {missing}: create one with 'leapmail init --home {missing}'\n",
+    )
+    os.unlink(os.path.join(home, "config.json"))
+    result = leapmail("credentials", "--home", home)
+    assert_clean_failure(
+        result,
+        f"leapmail: {home}/config.json does not name the account's address; "
+        'write {"address": "you@example.org"} into it\n',
+    )
+    assert result.stdout == b""
+
+
+def test_credentials_work_while_the_daemon_runs(home):
+    before = credentials(home)
+    daemon = twistd(home)
+    try:
+        for line in daemon.stdout:
+            if b"store " in line and b" open" in line:
+                break
+        else:
+            pytest.fail(daemon.stderr.read().decode())
+        assert credentials(home) == before
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=60)
+
+
+def seal_as_before_client_passwords(home_path, passphrase):
+    """Rewrite secrets.json the way releases before client passwords sealed it."""
+    script = (
+        "import sys; from leapmail.crypto import SecretsBundle, seal, unseal;"
+        "from leapmail.fsutil import atomic_write;"
+        "p = sys.argv[1] + '/secrets.json'; b = unseal(open(p, 'rb').read(), sys.argv[2]);"
+        "old = SecretsBundle(storage_key=b.storage_key, id_key=b.id_key, keypairs=b.keypairs);"
+        "atomic_write(p, seal(old, sys.argv[2]))"
+    )
+    subprocess.run([sys.executable, "-c", script, home_path, passphrase], check=True)
+
+
+def test_a_bundle_from_before_client_passwords_gets_one(home):
+    seal_as_before_client_passwords(home, PASS)
+    from leapmail.crypto import unseal
+
+    with open(os.path.join(home, "secrets.json"), "rb") as f:
+        old = f.read()
+    assert unseal(old, PASS).client_password is None
+    # The format version did not change: older releases read the new field as unknown.
+    assert json.loads(old)["version"] == 1
+
+    username, password = credentials(home)
+    assert username == "me@example.org"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", password)
+    with open(os.path.join(home, "secrets.json"), "rb") as f:
+        upgraded = f.read()
+    assert upgraded != old
+    assert unseal(upgraded, PASS).client_password == password
+    assert os.stat(os.path.join(home, "secrets.json")).st_mode & 0o777 == 0o600
+    # Upgraded once, then stable; and the store still opens with the same keys.
+    assert credentials(home) == (username, password)
+    assert leapmail("--home", home, "check").returncode == 0
+    assert [n for n in os.listdir(home) if ".tmp" in n] == []
+
+
+def test_a_wrong_passphrase_does_not_upgrade_an_old_bundle(home):
+    seal_as_before_client_passwords(home, PASS)
+    with open(os.path.join(home, "secrets.json"), "rb") as f:
+        old = f.read()
+    result = leapmail("--home", home, "credentials", passphrase="not it")
+    assert result.returncode == 1
+    with open(os.path.join(home, "secrets.json"), "rb") as f:
+        assert f.read() == old

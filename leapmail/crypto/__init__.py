@@ -5,6 +5,7 @@ from leapmail.crypto.bundle import (
     BundleError,
     SecretsBundle,
     WrongPassphrase,
+    new_client_password,
     seal,
     unseal,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "SecretsBundle",
     "UnsupportedKDF",
     "WrongPassphrase",
+    "new_client_password",
     "seal",
     "unseal",
 ]

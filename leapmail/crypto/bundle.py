@@ -20,6 +20,7 @@ the GCM associated data, so they cannot be altered without detection.
 import hmac
 import json
 import os
+import secrets
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -33,6 +34,8 @@ from leapmail.errors import LeapmailError
 FORMAT = "leapmail-secrets"
 VERSION = 1
 _CHECK_LABEL = b"leapmail passphrase check v1"
+#: Random bytes in a client password: 24 bytes (192 bits), 32 URL-safe characters.
+CLIENT_PASSWORD_BYTES = 24
 
 
 class BundleError(LeapmailError):
@@ -57,25 +60,32 @@ class SecretsBundle:
     per-document keys of the sync wire format).  ``id_key`` keys the HMACs that name
     content documents, so ids never reveal a bare content hash.  ``keypairs`` holds the
     key pairs later features add (incoming mail), by name, as base64 strings.
+    ``client_password`` is what local mail clients give the IMAP and SMTP servers; it
+    is ``None`` only in a bundle sealed by a release that predates it (see
+    :meth:`leapmail.home.Home.unlock`, which adds one).
     """
 
     storage_key: bytes
     id_key: bytes
     keypairs: dict = field(default_factory=dict)
+    client_password: str | None = None
 
     @classmethod
     def generate(cls):
-        return cls(storage_key=os.urandom(32), id_key=os.urandom(32))
+        return cls(
+            storage_key=os.urandom(32), id_key=os.urandom(32),
+            client_password=new_client_password(),
+        )
 
     def _to_plaintext(self):
-        return json.dumps(
-            {
-                "storage_key": b64encode(self.storage_key).decode("ascii"),
-                "id_key": b64encode(self.id_key).decode("ascii"),
-                "keypairs": self.keypairs,
-            },
-            sort_keys=True,
-        ).encode("utf-8")
+        d = {
+            "storage_key": b64encode(self.storage_key).decode("ascii"),
+            "id_key": b64encode(self.id_key).decode("ascii"),
+            "keypairs": self.keypairs,
+        }
+        if self.client_password is not None:
+            d["client_password"] = self.client_password
+        return json.dumps(d, sort_keys=True).encode("utf-8")
 
     @classmethod
     def _from_plaintext(cls, data):
@@ -84,14 +94,28 @@ class SecretsBundle:
             storage_key=b64decode(d["storage_key"], validate=True),
             id_key=b64decode(d["id_key"], validate=True),
             keypairs=dict(d.get("keypairs", {})),
+            # Absent from bundles sealed before client passwords existed.
+            client_password=d.get("client_password"),
         )
         if len(bundle.storage_key) != 32 or len(bundle.id_key) != 32:
             raise ValueError("key of wrong length")
+        if bundle.client_password is not None and (
+            not isinstance(bundle.client_password, str) or not bundle.client_password
+        ):
+            raise ValueError("client password of wrong type")
         return bundle
 
     def __repr__(self):
         # Never let a key reach a log line or a traceback.
         return f"<SecretsBundle keypairs={sorted(self.keypairs)}>"
+
+
+def new_client_password():
+    """A fresh password for local IMAP/SMTP clients: 192 bits from the OS's CSPRNG.
+
+    URL-safe base64, so it survives copying into any client's password field.
+    """
+    return secrets.token_urlsafe(CLIENT_PASSWORD_BYTES)
 
 
 def _aad(header):
