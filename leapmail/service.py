@@ -1,14 +1,23 @@
-"""The daemon as a twistd service: ``twistd -n leapmail --home DIR``.
+"""The daemon as a twistd service::
 
-For now it unlocks the account, holds its store open and keeps the mail core running
-(full-text indexing); the IMAP and SMTP listeners and the sync loop are services that
-later releases add under this one.
+    twistd -n leapmail --home DIR [--imap-port P] [--smtp-port Q] [--listen ADDR]
+
+It unlocks the account, holds its store open, keeps the mail core running (full-text
+indexing) and serves IMAP on ``ADDR:P``. The SMTP listener and the sync loop are
+services that later releases add under the same parent.
 """
+
+import ipaddress
+import re
+import sys
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from leapmail.errors import LeapmailError
 from leapmail.home import Home, default_home
@@ -17,18 +26,98 @@ from leapmail.passphrase import read_passphrase
 from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
 
+DEFAULT_IMAP_PORT = 1984
+DEFAULT_SMTP_PORT = 2013
+#: Loopback only: the client password travels in the clear unless the client uses
+#: STARTTLS, and nothing but this machine's own mail clients should reach the daemon.
+DEFAULT_LISTEN = "127.0.0.1"
+#: How long open IMAP connections get to close by themselves at shutdown before they
+#: are cut, so that a stuck client cannot hold the store open.
+CLOSE_GRACE_SECONDS = 2.0
+
+
+class StartError(LeapmailError):
+    """The daemon cannot start; the message is the whole story, for one line on stderr."""
+
 
 class Options(usage.Options):
-    synopsis = "[--home DIR]"
+    synopsis = "[--home DIR] [--imap-port PORT] [--smtp-port PORT] [--listen ADDRESS]"
     longdesc = (
         "Run the leapmail daemon for the account in DIR. The passphrase is read from "
-        "$LEAPMAIL_PASSPHRASE, else asked for on the terminal."
+        "$LEAPMAIL_PASSPHRASE, else asked for on the terminal. A port of 0 takes any "
+        "free port; the log says which (\"IMAP listening on HOST:PORT\")."
     )
-    optParameters = [["home", None, None, "account directory", str]]
+    optParameters = [
+        ["home", None, None, "account directory (default: $LEAPMAIL_HOME, else "
+         "$XDG_DATA_HOME/leapmail, else ~/.local/share/leapmail)"],
+        ["imap-port", None, str(DEFAULT_IMAP_PORT), "IMAP port (0: any free port)"],
+        ["smtp-port", None, str(DEFAULT_SMTP_PORT),
+         "SMTP port (recorded; the SMTP server is not written yet)"],
+        ["listen", None, DEFAULT_LISTEN,
+         "IP address to listen on; anything but loopback exposes the account to the network"],
+    ]
 
     def postOptions(self):
         if self["home"] is None:
             self["home"] = default_home()
+        for name in ("imap-port", "smtp-port"):
+            self[name] = parse_port(name, self[name])
+        self["listen"] = parse_address(self["listen"])
+
+
+def parse_port(name, value):
+    """``value`` as a port number 0..65535, else a :class:`usage.UsageError`."""
+    text = str(value)
+    # int() alone would also take " 1984", "+1984", "1_984" and non-ASCII digits.
+    if re.fullmatch(r"[0-9]{1,5}", text) and int(text) <= 65535:
+        return int(text)
+    raise usage.UsageError(f"--{name} must be a port number from 0 to 65535, not {text!r}")
+
+
+def parse_address(value):
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise usage.UsageError(
+            f"--listen must be an IP address such as 127.0.0.1 or ::1, not {value!r}"
+        ) from None
+
+
+def host_port(host, port):
+    """``HOST:PORT`` as people write it, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DaemonService(service.MultiService):
+    """The daemon's top service.
+
+    Unlike a plain MultiService, it stops its children one at a time, last started
+    first, and waits for each to finish stopping before it stops the next: the IMAP
+    listener and its connections must be gone before the store they use closes.
+
+    ``smtp_port`` is recorded for the SMTP service still to be written.
+    """
+
+    log = Logger()
+
+    def __init__(self, smtp_port=DEFAULT_SMTP_PORT):
+        super().__init__()
+        self.smtp_port = smtp_port
+
+    def startService(self):
+        super().startService()
+        self.log.info(
+            "SMTP is not implemented yet: nothing listens on port {port}", port=self.smtp_port)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                # Keep going: the store must still be closed if a listener failed to stop.
+                self.log.failure("error while stopping {service}", service=child)
 
 
 class StoreService(service.Service):
@@ -66,14 +155,186 @@ class StoreService(service.Service):
         return None
 
 
+class IMAPService(service.Service):
+    """Listens for IMAP clients once the account exists (after ``StoreService`` starts).
+
+    Logs ``IMAP listening on HOST:PORT`` with the port actually bound, which is how a
+    caller that asked for port 0 learns which one it got.
+    """
+
+    log = Logger()
+
+    def __init__(self, store_service, interface, port, username, password,
+                 context_factory=None, reactor=None):
+        self._store_service = store_service
+        self.interface = interface
+        self.requested_port = port
+        self._username = username
+        self._password = password
+        self._context_factory = context_factory
+        self._reactor = reactor
+        self.port = None
+        self._connections = None
+
+    def __repr__(self):
+        return f"<IMAPService {host_port(self.interface, self.requested_port)}>"
+
+    def startService(self):
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        account = self._store_service.account
+        if account is None:
+            raise StartError("IMAPService must start after StoreService")
+        # Imported here, not at module level: twistd imports this module to list its
+        # plugins, and nothing of the IMAP server should load for that.
+        from leapmail.imap.server import IMAPServerFactory
+
+        factory = IMAPServerFactory(
+            account, self._username, self._password, context_factory=self._context_factory
+        )
+        self._connections = _ConnectionTracker(factory, reactor)
+        where = host_port(self.interface, self.requested_port)
+        try:
+            self.port = reactor.listenTCP(
+                self.requested_port, self._connections, interface=self.interface
+            )
+        except CannotListenError as e:
+            message = f"cannot listen on {where}: {_reason(e)}"
+            self.log.error("{message}", message=message)
+            raise StartError(message) from None
+        service.Service.startService(self)
+        bound = self.port.getHost()
+        self.log.info("IMAP listening on {address}", address=host_port(bound.host, bound.port))
+        if not ipaddress.ip_address(bound.host).is_loopback:
+            self.log.warn(
+                "IMAP is reachable from other machines on {address}; mail clients there "
+                "should use STARTTLS", address=host_port(bound.host, bound.port))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        if self._connections is not None:
+            yield self._connections.close_all(CLOSE_GRACE_SECONDS)
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class _ConnectionTracker:
+    """Stands in for the IMAP server factory towards ``listenTCP``, remembering every
+    connection, so that shutdown can close them before the store goes away.
+
+    The protocol objects are the factory's own, untouched in their transport: only
+    their ``connectionLost`` is observed.
+    """
+
+    def __init__(self, factory, reactor):
+        self.factory = factory
+        self._reactor = reactor
+        self._live = set()
+        self._all_gone = []
+
+    def logPrefix(self):
+        # Twisted names the listening port after this; name it after the real server.
+        if ILoggingContext.providedBy(self.factory):
+            return self.factory.logPrefix()
+        return self.factory.__class__.__name__
+
+    def doStart(self):
+        self.factory.doStart()
+
+    def doStop(self):
+        self.factory.doStop()
+
+    def buildProtocol(self, addr):
+        protocol = self.factory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        self._live.add(protocol)
+        lost = protocol.connectionLost
+
+        def connectionLost(reason):
+            try:
+                return lost(reason)
+            finally:
+                self._live.discard(protocol)
+                if not self._live:
+                    waiting, self._all_gone = self._all_gone, []
+                    for d in waiting:
+                        d.callback(None)
+
+        protocol.connectionLost = connectionLost
+        return protocol
+
+    def _wait(self):
+        if not self._live:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_gone.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def close_all(self, grace):
+        for protocol in list(self._live):
+            protocol.transport.loseConnection()
+        gone = self._wait()
+        timer = self._reactor.callLater(grace, self._abort_all)
+        try:
+            yield gone
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _abort_all(self):
+        for protocol in list(self._live):
+            protocol.transport.abortConnection()
+
+
+def _reason(error):
+    cause = getattr(error, "socketError", None)
+    text = getattr(cause, "strerror", None) or str(cause or error)
+    return text[:1].lower() + text[1:]
+
+
+def _print_start_errors(previous):
+    def hook(kind, value, tb):
+        if isinstance(value, StartError):
+            # twistd has redirected sys.stderr into its log by now; the user is on the
+            # real one.
+            print(f"leapmail: {value}", file=sys.__stderr__, flush=True)
+            return
+        previous(kind, value, tb)
+
+    return hook
+
+
 def makeService(options):
     home = Home(options["home"])
     try:
+        from leapmail.tls import context_factory
+
         bundle = home.unlock(read_passphrase())
+        username = home.address()
         # Validate, lock and migrate now, so a bad file is reported before daemonizing.
         database = home.open_database(bundle)
+        try:
+            tls = context_factory(home.path)
+        except BaseException:
+            database.close()
+            raise
     except LeapmailError as e:
         raise SystemExit(f"leapmail: {e}") from None
-    top = service.MultiService()
-    StoreService(database, bundle.id_key).setServiceParent(top)
+    # twistd passes a failure in startService (a port in use) on only as an exception:
+    # to its waiting parent when it daemonizes, else as a traceback. Make the latter one
+    # line, like every other error.
+    sys.excepthook = _print_start_errors(sys.excepthook)
+    top = DaemonService(smtp_port=options["smtp-port"])
+    store_service = StoreService(database, bundle.id_key)
+    store_service.setServiceParent(top)
+    IMAPService(
+        store_service, options["listen"], options["imap-port"], username,
+        bundle.client_password, context_factory=tls,
+    ).setServiceParent(top)
     return top

@@ -122,8 +122,10 @@ def test_twistd_lists_the_plugin():
 def twistd(home, passphrase=PASS):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEAPMAIL_")}
     env["LEAPMAIL_PASSPHRASE"] = passphrase
+    # Port 0: tests must not collide with each other or with a running 'make run'.
     return subprocess.Popen(
-        [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile=-", "leapmail", "--home", home],
+        [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile=-", "leapmail", "--home", home,
+         "--imap-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
     )
 
@@ -188,7 +190,7 @@ def test_detached_daemon_names_itself_in_the_lock(home, tmp_path):
     pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
     subprocess.run(
         [os.path.join(BIN, "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}",
-         "leapmail", "--home", home],
+         "leapmail", "--home", home, "--imap-port", "0"],
         check=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
     )
     pid = int(pidfile.read_text())

@@ -165,22 +165,24 @@ def index_mailbox(txn, old, new):
     txn.emit(MailboxChanged(new.id, data["name"]))
 
 
+# UPDATE ... RETURNING costs some 200 µs a statement here once the transaction is
+# large (measured: 10,000 flag changes took 11 s with it, 0.7 s without), so counters
+# are bumped with a plain UPDATE and read back.
 def _bump_modseq(txn, mailbox):
+    txn.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE doc_id = ?", (mailbox,))
     row = txn.execute(
-        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE doc_id = ? "
-        "RETURNING highestmodseq",
-        (mailbox,),
-    ).fetchone()
+        "SELECT highestmodseq FROM mailboxes WHERE doc_id = ?", (mailbox,)).fetchone()
     return row[0] if row else None
 
 
 def index_flags(txn, old, new):
     if new.deleted:
         row = txn.execute(
-            "DELETE FROM messages WHERE flags_doc = ? RETURNING mailbox, uid", (new.id,)
-        ).fetchone()
+            "SELECT mailbox, uid FROM messages WHERE flags_doc = ?", (new.id,)).fetchone()
         if row is not None:
             mailbox, uid = row
+            txn.execute("DELETE FROM messages WHERE flags_doc = ?", (new.id,))
             modseq = _bump_modseq(txn, mailbox)
             if modseq is not None:
                 txn.execute(
@@ -196,10 +198,11 @@ def index_flags(txn, old, new):
     ).fetchone()
     if existing is None:
         mailbox = data["mailbox"]
-        row = txn.execute(
+        txn.execute(
             "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
-            "WHERE doc_id = ? RETURNING uidnext - 1, highestmodseq",
-            (mailbox,),
+            "WHERE doc_id = ?", (mailbox,))
+        row = txn.execute(
+            "SELECT uidnext - 1, highestmodseq FROM mailboxes WHERE doc_id = ?", (mailbox,)
         ).fetchone()
         if row is None:
             raise LookupError(f"flags document {new.id} names unknown mailbox {mailbox}")
@@ -230,10 +233,9 @@ def index_flags(txn, old, new):
 
 def index_message(txn, old, new):
     if new.deleted:
-        row = txn.execute(
-            "DELETE FROM contents WHERE doc_id = ? RETURNING rowid", (new.id,)
-        ).fetchone()
+        row = txn.execute("SELECT rowid FROM contents WHERE doc_id = ?", (new.id,)).fetchone()
         if row is not None:
+            txn.execute("DELETE FROM contents WHERE rowid = ?", row)
             txn.execute("DELETE FROM header_fields WHERE content = ?", row)
             txn.execute("DELETE FROM text_index WHERE rowid = ?", row)
             txn.execute("DELETE FROM text_pending WHERE content_row = ?", row)
@@ -242,11 +244,10 @@ def index_message(txn, old, new):
     if old is not None:
         return  # content documents are immutable
     data = codec.loads(new.content)
-    (rowid,) = txn.execute(
-        "INSERT INTO contents (doc_id, size, sent_date, sent_day) VALUES (?, ?, ?, ?) "
-        "RETURNING rowid",
+    rowid = txn.execute(
+        "INSERT INTO contents (doc_id, size, sent_date, sent_day) VALUES (?, ?, ?, ?)",
         (new.id, data["size"], data.get("sent_date"), data.get("sent_day")),
-    ).fetchone()
+    ).lastrowid
     # Messages whose flags document arrived first (possible with sync) learn their
     # content now.
     txn.execute(
