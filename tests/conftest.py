@@ -54,3 +54,7 @@ async def account(db_path, key):
     yield acct
     acct.close()
     await s.close()
+
+
+# The in-process IMAP server fixture, for every test module (tests/imap_support.py).
+from imap_support import imap_server  # noqa: E402,F401

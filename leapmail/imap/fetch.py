@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from leapmail.imap import encode
 from leapmail.imap.parser import ParseError
 from leapmail.mail.headers import filter_fields
-from leapmail.mail.message import load_content, read_range
+from leapmail.mail.message import load_contents, read_range
 
 #: Sections up to this size are read with the batch; bigger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024
@@ -135,6 +135,16 @@ def needs_content(items):
                for item in items)
 
 
+def header_only(items):
+    """Whether the top-level header block answers every content item (the usual
+    header fetch), so that the indexed copy can be used instead of the content."""
+    return needs_content(items) and all(
+        (isinstance(item, Section) and not item.path
+         and item.part in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"))
+        or (not isinstance(item, Section) and item not in ("ENVELOPE", "BODY", "BODYSTRUCTURE"))
+        for item in items)
+
+
 # -- rendering --------------------------------------------------------------------------
 
 _MONTH_NAMES = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
@@ -170,6 +180,10 @@ class Stream:
 def section_bytes_range(content, section, queries):
     """``(start, end)`` in the stored message, or bytes (HEADER.FIELDS), or None."""
     part = section.part
+    if isinstance(content, bytes):  # the top-level header block, from the index
+        if part == "HEADER":
+            return content
+        return filter_fields(content, section.fields, part == "HEADER.FIELDS")
     if part in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         where = content.section_range(section.path, "HEADER")
         if where is None:
@@ -242,11 +256,27 @@ def _render_section(queries, content, section):
     return [name + b" {%d}\r\n" % (end - start), read_range(queries, content, start, end)]
 
 
-def render_batch(queries, metas, seqs, items, recent, condstore, want_content):
-    """Responses for a batch, in a reader thread: ``[[piece, ...], ...]``."""
+def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
+                 flags_changed=()):
+    """Responses for a batch, in a reader thread: ``[[piece, ...], ...]``.
+
+    Messages in ``flags_changed`` (\\Seen set by this FETCH) also report FLAGS, first,
+    as RFC 3501 6.4.5 asks and as Dovecot does.
+    """
     responses = []
+    if want_content and header_only(items):
+        # Headers come from the index; contents indexed before it kept them are loaded.
+        contents = {m.content: m.header for m in metas if m.header is not None}
+        missing = [m.content for m in metas if m.header is None]
+        contents.update(load_contents(queries, missing) if missing else {})
+    elif want_content:
+        contents = load_contents(queries, [m.content for m in metas])
+    else:
+        contents = {}
+    with_flags = items if "FLAGS" in items else ["FLAGS"] + list(items)
     for meta, seq in zip(metas, seqs):
-        content = load_content(queries, meta.content) if want_content else None
-        responses.append(render_message(queries, meta, content, seq, items,
-                                        meta.uid in recent, condstore))
+        content = contents.get(meta.content)
+        responses.append(render_message(
+            queries, meta, content, seq, with_flags if meta.uid in flags_changed else items,
+            meta.uid in recent, condstore))
     return responses

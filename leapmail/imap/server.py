@@ -32,7 +32,7 @@ from zope.interface import implementer
 from leapmail import __version__
 from leapmail.imap import encode, fetch as fetchlib
 from leapmail.imap.adapters import IMAPAccount
-from leapmail.imap.names import decode_mailbox, encode_mailbox, list_matcher
+from leapmail.imap.names import decode_mailbox, encode_mailbox
 from leapmail.imap.parser import (
     MAX_SMALL_LITERAL,
     CommandReader,
@@ -1001,33 +1001,39 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_FETCH.takes_uid = True
 
     async def _fetch_uids(self, view, uids, items, uid_mode):
-        sets_seen = fetchlib.sets_seen(items) and not view.readonly
-        want_content = fetchlib.needs_content(items)
         store = view.account.store
         mailbox_id = view.info.id
         # RFC 7162 3.1: once CONDSTORE is on, FETCH responses with FLAGS carry MODSEQ.
         condstore = self.condstore and "MODSEQ" not in items
-        for start in range(0, len(uids), FETCH_BATCH):
-            batch = uids[start:start + FETCH_BATCH]
-            batch_items = items
-            if sets_seen:
-                metas = await store.read(read_meta, mailbox_id, batch)
+        newly_seen = set()
+        if fetchlib.sets_seen(items) and not view.readonly:
+            for start in range(0, len(uids), FETCH_BATCH):
+                metas = await store.read(read_meta, mailbox_id, uids[start:start + FETCH_BATCH])
                 unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
                 if unseen:
                     changed, _ = await view.store_flags(unseen, "add", ["\\Seen"])
                     view.forget_flag_changes({u: m for u, (_f, m) in changed.items()})
-                    if "FLAGS" not in items:
-                        batch_items = ["FLAGS"] + list(items)
-            recent = view.recent
-            seqs = [view.seq_of(u) for u in batch]
+                    newly_seen.update(changed)
+        want_content = fetchlib.needs_content(items)
+        recent = set(view.recent)
+        seq_of = view.seq_of
 
-            def job(queries, batch=batch, seqs=seqs, batch_items=batch_items):
-                metas = read_meta(queries, mailbox_id, batch)
-                seq_by_uid = dict(zip(batch, seqs))
-                return fetchlib.render_batch(queries, metas, [seq_by_uid[m.uid] for m in metas],
-                                             batch_items, recent, condstore, want_content)
+        with_header = fetchlib.header_only(items)
 
-            responses = await store.read(job)
+        def job(queries, batch):
+            metas = read_meta(queries, mailbox_id, batch, with_header)
+            return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
+                                         recent, condstore, want_content, newly_seen)
+
+        # Two batches in flight: one reader thread renders the next while we write.
+        batches = [uids[i:i + FETCH_BATCH] for i in range(0, len(uids), FETCH_BATCH)]
+        pending = deque(store.read(job, batch) for batch in batches[:2])
+        following = 2
+        while pending:
+            responses = await pending.popleft()
+            if following < len(batches):
+                pending.append(store.read(job, batches[following]))
+                following += 1
             for pieces in responses:
                 for piece in pieces:
                     if isinstance(piece, fetchlib.Stream):

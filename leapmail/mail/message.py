@@ -233,6 +233,13 @@ def load_content(queries, content_id):
     return Content(content_id, codec.loads(doc.content))
 
 
+def load_contents(queries, content_ids):
+    """:class:`Content` s by id (one query per 500): the batched :func:`load_content`."""
+    docs = queries.get_many(set(content_ids))
+    return {doc_id: Content(doc_id, codec.loads(doc.content))
+            for doc_id, doc in docs.items() if doc.kind == MESSAGE_KIND}
+
+
 #: Largest piece :func:`iter_range` reads at once.
 STREAM_CHUNK = blobs.CHUNK_SIZE
 

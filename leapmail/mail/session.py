@@ -20,6 +20,7 @@ class MessageMeta:
     size: int
     modseq: int
     content: str
+    header: bytes = None  # the top-level header block, when asked for and indexed
 
 
 @dataclass(frozen=True)
@@ -194,22 +195,27 @@ class MailboxView:
         self.account._release(self)
 
 
-def read_meta(queries, mailbox, uids):
+def read_meta(queries, mailbox, uids, with_header=False):
     """:class:`MessageMeta` for ``uids`` of a mailbox, ascending: a store read job."""
     from leapmail.mail.flags import join_flags
 
+    columns = "m.uid, m.sysflags, m.keywords, m.internal_date, m.size, m.modseq, m.content"
+    source = "messages m"
+    if with_header:
+        columns += ", c.header"
+        source += " LEFT JOIN contents c ON c.rowid = m.content_row"
     result = []
     for start in range(0, len(uids), 500):
         batch = uids[start:start + 500]
         marks = ",".join("?" * len(batch))
         result += queries.execute(
-            "SELECT uid, sysflags, keywords, internal_date, size, modseq, content "
-            f"FROM messages WHERE mailbox = ? AND uid IN ({marks}) ORDER BY uid",
+            f"SELECT {columns} FROM {source} WHERE m.mailbox = ? AND m.uid IN ({marks}) "
+            "ORDER BY m.uid",
             (mailbox, *batch),
         ).fetchall()
     return [
-        MessageMeta(uid, tuple(join_flags(bits, kw)), date, size, modseq, content)
-        for uid, bits, kw, date, size, modseq, content in result
+        MessageMeta(row[0], tuple(join_flags(row[1], row[2])), *row[3:])
+        for row in result
     ]
 
 
