@@ -197,7 +197,8 @@ async def test_two_sessions_see_each_others_changes_at_the_right_moments(account
 async def test_recent_waits_for_the_next_session_when_nobody_is_selected(account):
     await account.append("INBOX", b"Subject: a\r\n\r\n1")
     readonly = await account.select("INBOX", readonly=True)
-    assert readonly.recent == set()
+    # EXAMINE reports \Recent as SELECT would, without taking it (RFC 3501 6.3.2).
+    assert readonly.recent == {1}
     view = await account.select("INBOX")
     assert view.recent == {1}
     view.close()

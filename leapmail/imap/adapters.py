@@ -149,7 +149,11 @@ class IMAPAccount:
                     continue
                 if recursive:
                     found[parent] = True
-                elif parent not in candidates:
+                elif by_subscription:
+                    # Only the levels "%" stops at: with "*" the child matches itself.
+                    if not matches(name):
+                        found[parent] = None
+                elif parent not in boxes:
                     found[parent] = None
         if recursive:
             for name in list(found):

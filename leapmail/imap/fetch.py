@@ -205,7 +205,7 @@ def render_message(queries, meta, content, seq, items, recent, condstore, uid_fi
         if item == "FLAGS":
             parts.append([b"FLAGS " + flag_list(meta.flags, recent)])
         elif item == "INTERNALDATE":
-            parts.append([b"INTERNALDATE " + internal_date(meta.internal_date)])
+            parts.append([b"INTERNALDATE " + internal_date(meta.internal_date, meta.tz)])
         elif item == "RFC822.SIZE":
             parts.append([b"RFC822.SIZE %d" % meta.size])
         elif item == "MODSEQ":

@@ -82,8 +82,8 @@ class SearchParser:
         """``[CHARSET x] key *(SP key)`` up to the end of the command."""
         c = self.cursor
         keys = []
-        first = c.atom("a search key", extra=b"*")
-        if first.upper() == b"CHARSET":
+        first = None if c.peek() == b"(" else c.atom("a search key", extra=b"*")
+        if first is not None and first.upper() == b"CHARSET":
             c.sp()
             charset = c.astring("a charset").decode("ascii", "replace").upper()
             if charset not in CHARSETS:

@@ -306,7 +306,11 @@ class Account:
             self._views[info.id].remove(view)
             raise NoSuchMailbox(name)
         view._load(*snapshot)
-        if not readonly:
+        if readonly:
+            # EXAMINE sees what is \Recent without taking it from the next SELECT.
+            floor = self._recent_floor.get(info.id, snapshot[0].get("recent_floor", 1))
+            view.recent = {uid for uid in view._uids if uid >= floor}
+        else:
             view.recent = self._claim_recent(info.id, snapshot[0], view._uids)
         return view
 

@@ -112,8 +112,11 @@ CREATE TABLE subscriptions (
 # Version 2: the top-level header block of each content, so that the header fetch of
 # a big mailbox (what every client does first) reads a few hundred bytes a message
 # instead of decoding the whole content document.  NULL for contents indexed before.
+# Also the zone an internal date was given in (minutes east of UTC), so that
+# INTERNALDATE shows the time as the client gave it.
 _V2 = """
 ALTER TABLE contents ADD COLUMN header BLOB;
+ALTER TABLE messages ADD COLUMN tz INTEGER NOT NULL DEFAULT 0;
 """
 
 
@@ -220,11 +223,11 @@ def index_flags(txn, old, new):
         ).fetchone() or (0, None)
         txn.execute(
             "INSERT INTO messages (flags_doc, mailbox, uid, content, content_row, modseq, "
-            "internal_date, internal_day, size, sysflags, keywords) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "internal_date, internal_day, size, sysflags, keywords, tz) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.id, mailbox, uid, data["message"], content[1], modseq, data["date"],
              local_day(data["date"], data.get("tz", 0)), content[0], sysflags,
-             " ".join(keywords)),
+             " ".join(keywords), data.get("tz", 0)),
         )
         txn.emit(MessageAdded(mailbox, uid, modseq))
         return

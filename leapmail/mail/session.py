@@ -20,6 +20,7 @@ class MessageMeta:
     size: int
     modseq: int
     content: str
+    tz: int = 0  # minutes east of UTC the internal date was given in
     header: bytes = None  # the top-level header block, when asked for and indexed
 
 
@@ -199,7 +200,8 @@ def read_meta(queries, mailbox, uids, with_header=False):
     """:class:`MessageMeta` for ``uids`` of a mailbox, ascending: a store read job."""
     from leapmail.mail.flags import join_flags
 
-    columns = "m.uid, m.sysflags, m.keywords, m.internal_date, m.size, m.modseq, m.content"
+    columns = ("m.uid, m.sysflags, m.keywords, m.internal_date, m.size, m.modseq, m.content, "
+               "m.tz")
     source = "messages m"
     if with_header:
         columns += ", c.header"
