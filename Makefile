@@ -6,8 +6,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite needs: Dovecot, the reference for differential tests.
-TEST_DEBS := dovecot-imapd
+# Debian packages the test suite needs: Dovecot, the reference for differential tests;
+# isync (mbsync) and offlineimap3, real sync clients run against the IMAP server.
+TEST_DEBS := dovecot-imapd isync offlineimap3
 RUN_HOME ?= .run/demo
 RUN_PASSPHRASE ?= leapmail-demo
 RUN_IMAP_PORT ?= 1984
