@@ -14,7 +14,7 @@ def decode_mailbox(raw, pattern=False):
     A name that decodes but does not re-encode to the same bytes (unterminated "&",
     an unneeded shift, bad padding) is refused, so that one mailbox has one spelling.
     """
-    shown = raw.decode("ascii", "replace")
+    shown = raw.decode("ascii", "backslashreplace")
     if not raw.isascii():
         raise InvalidMailboxName(shown, "mailbox names must be in modified UTF-7")
     try:

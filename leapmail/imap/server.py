@@ -371,7 +371,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                          code="SERVERBUG")
 
     def _bad(self, tag, text):
-        self._write(tag + b" BAD " + text.encode("utf-8", "replace") + b"\r\n")
+        self._write(tag + b" BAD " + _text(text) + b"\r\n")
         self._count_bad()
 
     def _finish(self, tag, status, text, code=None, expunges=True):
@@ -380,7 +380,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         line = tag + b" " + status.encode()
         if code:
             line += b" [" + code.encode("utf-8") + b"]"
-        self._write(line + b" " + text.encode("utf-8", "replace") + b"\r\n")
+        self._write(line + b" " + _text(text) + b"\r\n")
 
     # -- news from other sessions -------------------------------------------------
 
@@ -1184,6 +1184,12 @@ _STATE_ERRORS = {
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ",
                  "SIZE", "APPENDLIMIT")
+
+
+def _text(text):
+    """Response text as RFC 3501 9 allows it: 7-bit, no CR or LF, never empty."""
+    data = text.encode("ascii", "backslashreplace").replace(b"\r", b" ").replace(b"\n", b" ")
+    return data or b"-"
 
 
 def _status_items(c):
