@@ -485,6 +485,11 @@ async def test_list_children_subscribed_and_status(imap_server):
             b'* LSUB (\\Noselect) "/" Parent',
             b'* LSUB () "/" Sent', b'* LSUB () "/" Trash'])
         assert w.run(b'LSUB "" Parent/*') == (b"OK", [b'* LSUB () "/" Parent/Child'])
+        # With "*" the child matches itself and the unsubscribed parent is not listed.
+        assert w.run(b'LSUB "" *') == (b"OK", [
+            b'* LSUB () "/" Archive', b'* LSUB () "/" Drafts',
+            b'* LSUB () "/" Parent/Child',
+            b'* LSUB () "/" Sent', b'* LSUB () "/" Trash'])
         w.close()
 
     await in_thread(body)
@@ -1470,7 +1475,10 @@ async def test_imapclient_workflow(imap_server):
 
 @pytest_twisted.ensureDeferred
 async def test_corpus_body_byte_exact(imap_server):
+    # All but the one empty message, which is refused as Dovecot refuses it ("Can't
+    # save a zero byte message"): see test_empty_message_is_refused.
     messages = [raw for _name, raw in corpus() if raw]
+    assert len(messages) == len(corpus()) - 1
 
     def body():
         w = Wire(imap_server, timeout=120)
