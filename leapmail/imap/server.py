@@ -585,7 +585,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             return
         self.condstore = True
         if announce and self.view is not None:
-            self._write(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % self.view.highestmodseq)
+            self._write(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % max(1, self.view.highestmodseq))
 
     def cmd_NAMESPACE(self, tag, c):
         c.end()
@@ -836,6 +836,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     async def _status_line(self, name, items):
         status = await self.account.status(name)
         status["appendlimit"] = self.factory.appendlimit
+        status["highestmodseq"] = max(1, status["highestmodseq"])  # positive, as SELECT says
         values = b" ".join(b"%s %d" % (item.encode(), status[item.lower()]) for item in items)
         return (b"* STATUS " + encode.astring(encode_mailbox(status["name"])) + b" ("
                 + values + b")\r\n")
@@ -1081,8 +1082,10 @@ class LeapIMAPServer(imap4.IMAP4Server):
         view = self.view
         uids = self._resolve(ranges, uid)
         changed, refused = await view.store_flags(uids, modes[base], flags, unchanged_since)
-        if silent:
-            # Our own changes are not echoed; changes made elsewhere still are.
+        if silent and unchanged_since is None:
+            # Our own changes are not echoed; changes made elsewhere still are.  A
+            # conditional STORE reports them even when silent (RFC 7162 3.1.3), as the
+            # client needs the new MODSEQs.
             self._silenced_flags = {u: m for u, (_f, m) in changed.items()}
         try:
             self._send_updates(expunges=uid)

@@ -20,15 +20,13 @@ Text matches are case-insensitive substring matches on decoded text (RFC 3501 6.
 served by the trigram full-text index for needles of three characters or more.
 """
 
+import json
+
 _DAY_OPS = {"before": "<", "on": "=", "since": ">="}
 
 
 class QueryError(ValueError):
     pass
-
-
-def _escape_like(text):
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _fts_phrase(text):
@@ -46,14 +44,22 @@ def _text_condition(column, text, params):
     return f"contains_folded(text_index.{column}, ?)"
 
 
+def _balanced(op, parts):
+    """``parts`` joined by ``op`` as a balanced tree: SQLite limits expression depth
+    to 1,000, and a flat chain of 10,000 search keys would be 10,000 deep."""
+    if len(parts) <= 8:
+        return "(" + f" {op} ".join(parts) + ")"
+    middle = len(parts) // 2
+    return f"({_balanced(op, parts[:middle])} {op} {_balanced(op, parts[middle:])})"
+
+
 def compile_query(node, params):
     """SQL condition over ``m`` (a row of ``messages``) for ``node``."""
     kind = node[0]
     if kind == "all":
         return "1"
     if kind == "and":
-        parts = [compile_query(child, params) for child in node[1]]
-        return "(" + " AND ".join(parts or ["1"]) + ")"
+        return _balanced("AND", [compile_query(child, params) for child in node[1]] or ["1"])
     if kind == "or":
         return f"({compile_query(node[1], params)} OR {compile_query(node[2], params)})"
     if kind == "not":
@@ -68,11 +74,17 @@ def compile_query(node, params):
     if kind == "uid":
         if not node[1]:
             return "0"
+        if len(node[1]) > 50:
+            # One parameter however long the set: SQLite bounds both parameters and
+            # expression depth, and a client's UID set is not bounded by us.
+            params.append(json.dumps([[low, high] for low, high in node[1]]))
+            return ("(EXISTS (SELECT 1 FROM json_each(?) j "
+                    "WHERE m.uid BETWEEN j.value ->> 0 AND j.value ->> 1))")
         conditions = []
         for low, high in node[1]:
             params.extend((low, high))
             conditions.append("(m.uid BETWEEN ? AND ?)")
-        return "(" + " OR ".join(conditions) + ")"
+        return _balanced("OR", conditions)
     if kind in ("larger", "smaller"):
         params.append(node[1])
         return f"(m.size {'>' if kind == 'larger' else '<'} ?)"
@@ -93,9 +105,11 @@ def compile_query(node, params):
         if text == "":
             return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = m.content_row "
                     "AND h.name = ?))")
-        params.append(f"%{_escape_like(text.casefold())}%")
+        # instr, not LIKE: no pattern-length limit, no wildcards to escape, and the
+        # values are stored case-folded already.
+        params.append(text.casefold())
         return ("(EXISTS (SELECT 1 FROM header_fields h WHERE h.content = m.content_row "
-                "AND h.name = ? AND h.value LIKE ? ESCAPE '\\'))")
+                "AND h.name = ? AND instr(h.value, ?) > 0))")
     if kind in ("body", "text"):
         text = node[1]
         if text == "":
