@@ -65,15 +65,26 @@ class CommandReader:
         self._literal = None     # bytearray being filled, or None when discarding
         self._discarding = False  # swallowing the rest of a rejected command
         self._overlong = False
+        self._closed = False
         self.paused = False
 
     def feed(self, data):
+        if self._closed:
+            return
         self._buffer += data
         self._drain()
 
     def resume(self):
-        self.paused = False
-        self._drain()
+        if not self._closed:
+            self.paused = False
+            self._drain()
+
+    def close(self):
+        """Forget everything read and not yet handed out, now and for good — also the
+        rest of the data being drained while ``on_unit`` runs (STARTTLS needs that)."""
+        self._closed = True
+        self.paused = True
+        self._buffer.clear()
 
     def _drain(self):
         while self._buffer and not self.paused:

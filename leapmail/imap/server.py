@@ -179,7 +179,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._close_mailbox()
         self.state = "logout"
         self.sendLine(b"* BYE Autologout; connection idle too long")
-        self.transport.loseConnection()
+        self._hang_up()
 
     def dataReceived(self, data):
         self.resetTimeout()
@@ -299,8 +299,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._bad_count += 1
         if self._bad_count >= MAX_BAD_COMMANDS:
             self._write(b"* BYE Too many invalid commands\r\n")
-            self.transport.loseConnection()
-            self._closed = True
+            self._hang_up()
 
     async def _next_line(self):
         """The client's next line, for a command that waits on one (IDLE, AUTHENTICATE)."""
@@ -392,7 +391,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._close_mailbox()
             self.state = "auth"
             self._write(b"* BYE Mailbox was deleted elsewhere\r\n")
-            self.transport.loseConnection()
+            self._hang_up()
             return
         updates = view.updates(expunges=expunges)
         if not updates:
@@ -456,6 +455,13 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._close_mailbox()
         self.state = "logout"
         self._write(b"* BYE Logging out\r\n" + tag + b" OK Logout completed\r\n")
+        self._hang_up()
+
+    def _hang_up(self):
+        """Close after what is written; nothing the client sent after this runs."""
+        self._reader.close()
+        self._queue.clear()
+        self._closed = True
         self.transport.loseConnection()
 
     cmd_LOGOUT.states = ("unauth", "auth", "select")
@@ -486,6 +492,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         # Nothing the client sent before the handshake may count as a command after it
         # (the STARTTLS command-injection attack).
         self._queue.clear()
+        self._reader.close()
         self._reader = CommandReader(self._literal_limit, self._unit_read,
                                      self._literal_accepted, self._framing_rejected)
         self.transport.startTLS(self.ctx)
