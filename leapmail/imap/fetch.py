@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from leapmail.imap import encode
 from leapmail.imap.parser import ParseError
 from leapmail.mail.headers import filter_fields
-from leapmail.mail.message import load_contents, read_range
+from leapmail.mail.message import load_contents, load_parts, read_range
 
 #: Sections up to this size are read with the batch; bigger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024
@@ -193,9 +193,11 @@ def section_bytes_range(content, section, queries):
     return content.section_range(section.path, part)
 
 
-def render_message(queries, meta, content, seq, items, recent, condstore, uid_first=True):
+def render_message(queries, meta, content, seq, items, recent, condstore, uid_first=True,
+                   parts=None):
     """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces."""
     out = [b"* %d FETCH (" % seq]
+    preloaded = parts
     parts = []
     if uid_first or "UID" in items:
         parts.append([b"UID %d" % meta.uid])
@@ -218,7 +220,7 @@ def render_message(queries, meta, content, seq, items, recent, condstore, uid_fi
             parts.append([b"BODYSTRUCTURE "
                           + encode.encode_bodystructure(content.bodystructure, True)])
         else:
-            parts.append(_render_section(queries, content, item))
+            parts.append(_render_section(queries, content, item, preloaded))
     if condstore and "FLAGS" in items and "MODSEQ" not in items:
         parts.append([b"MODSEQ (%d)" % meta.modseq])
     first = True
@@ -231,7 +233,7 @@ def render_message(queries, meta, content, seq, items, recent, condstore, uid_fi
     return out
 
 
-def _render_section(queries, content, section):
+def _render_section(queries, content, section, preloaded=None):
     name = section.name
     where = section_bytes_range(content, section, queries) if content is not None else None
     if where is None:
@@ -253,7 +255,8 @@ def _render_section(queries, content, section):
         return [name + b" {%d}\r\n" % len(data), data]
     if end - start > STREAM_THRESHOLD:
         return [name + b" {%d}\r\n" % (end - start), Stream(content, start, end)]
-    return [name + b" {%d}\r\n" % (end - start), read_range(queries, content, start, end)]
+    return [name + b" {%d}\r\n" % (end - start),
+            read_range(queries, content, start, end, preloaded)]
 
 
 def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
@@ -273,10 +276,16 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
         contents = load_contents(queries, [m.content for m in metas])
     else:
         contents = {}
+    parts = None
+    if any(isinstance(item, Section) and item.part not in ("HEADER", "HEADER.FIELDS",
+                                                           "HEADER.FIELDS.NOT")
+           for item in items):
+        parts = load_parts(queries, [c for c in contents.values() if not isinstance(c, bytes)],
+                           STREAM_THRESHOLD)
     with_flags = items if "FLAGS" in items else ["FLAGS"] + list(items)
     for meta, seq in zip(metas, seqs):
         content = contents.get(meta.content)
         responses.append(render_message(
             queries, meta, content, seq, with_flags if meta.uid in flags_changed else items,
-            meta.uid in recent, condstore))
+            meta.uid in recent, condstore, parts=parts))
     return responses

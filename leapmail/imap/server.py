@@ -162,6 +162,10 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._reader = CommandReader(self._literal_limit, self._unit_read,
                                      self._literal_accepted, self._framing_rejected)
         self.transport.registerProducer(self, True)
+        # Responses are written whole; Nagle would hold the last piece of each (an
+        # IDLE push, a tagged OK) until the client acknowledged the previous one.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
     def connectionLost(self, reason):
@@ -1042,15 +1046,20 @@ class LeapIMAPServer(imap4.IMAP4Server):
             if following < len(batches):
                 pending.append(store.read(job, batches[following]))
                 following += 1
+            # One write per batch: the transport's cost is per write, not per byte.
+            out = []
             for pieces in responses:
                 for piece in pieces:
                     if isinstance(piece, fetchlib.Stream):
+                        self._write(b"".join(out))
+                        out = []
                         async for chunk in iter_range(store, piece.content, piece.start,
                                                       piece.end):
                             self._write(chunk)
                             await self._drain()
                     else:
-                        self._write(piece)
+                        out.append(piece)
+            self._write(b"".join(out))
             await self._drain()
 
     async def cmd_STORE(self, tag, c, uid=False):

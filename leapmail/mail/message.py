@@ -257,8 +257,21 @@ async def iter_range(store, content, start, end, chunk=STREAM_CHUNK):
         pos = stop
 
 
-def read_range(queries, content, start, end):
-    """Bytes ``[start, end)`` of the original message, from skeleton and parts."""
+def load_parts(queries, contents, max_size):
+    """Decoded part documents of the given contents, for :func:`read_range` to use:
+    one query for many messages instead of one per part.  Contents bigger than
+    ``max_size`` are left out (their parts are read, or streamed, on demand)."""
+    wanted = set()
+    for content in contents:
+        if content.size <= max_size:
+            wanted.update(content._value["parts"])
+    return {doc_id: codec.loads(doc.content)
+            for doc_id, doc in queries.get_many(wanted).items()}
+
+
+def read_range(queries, content, start, end, parts=None):
+    """Bytes ``[start, end)`` of the original message, from skeleton and parts
+    (``parts``: decoded part documents already at hand, by id)."""
     out = []
     for offset, length, piece in content.segments(start):
         if offset + length <= start:
@@ -269,7 +282,9 @@ def read_range(queries, content, start, end):
         if isinstance(piece, bytes):
             out.append(piece[lo:hi])
             continue
-        value = codec.loads(queries.get(piece).content)
+        value = parts.get(piece) if parts is not None else None
+        if value is None:
+            value = codec.loads(queries.get(piece).content)
         if "data" in value:
             out.append(value["data"][lo:hi])
         else:

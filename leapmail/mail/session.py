@@ -207,6 +207,14 @@ def read_meta(queries, mailbox, uids, with_header=False):
         columns += ", c.header"
         source += " LEFT JOIN contents c ON c.rowid = m.content_row"
     result = []
+    if uids and uids[-1] - uids[0] < 2 * len(uids):
+        # Dense (the usual 1:*): one range scan of the (mailbox, uid) index beats a
+        # long IN list; the few UIDs in the range the session does not know are dropped.
+        wanted = set(uids)
+        result = [row for row in queries.execute(
+            f"SELECT {columns} FROM {source} WHERE m.mailbox = ? AND m.uid BETWEEN ? AND ? "
+            "ORDER BY m.uid", (mailbox, uids[0], uids[-1])) if row[0] in wanted]
+        uids = ()
     for start in range(0, len(uids), 500):
         batch = uids[start:start + 500]
         marks = ",".join("?" * len(batch))

@@ -2,8 +2,10 @@
 
 Putting a message's text into the trigram index costs more than everything else an
 import does (about 0.7 ms for 10 KB of text), so import only queues the content
-(``text_pending``) and this indexer works through the queue in jobs of
-:data:`BATCH` messages, each short enough not to hold up other writers for long.
+(``text_pending``) and this indexer works through the queue in batches of
+:data:`BATCH` messages: the text is extracted in a read job and only stored by the
+writer, so imports go on meanwhile.  It starts when imports pause, or after every
+:data:`BATCH` new contents when they do not.
 Work left over from a previous run resumes when the account opens.  A search that
 involves text first finishes the queue (as Dovecot indexes at search time), so its
 answer is always complete.
@@ -59,27 +61,46 @@ def _without_attachments(queries, content):
     return b"".join(out)
 
 
-def index_pending(txn, limit=BATCH, upto=None):
-    """Index up to ``limit`` queued contents (those ``<= upto`` if given); returns
-    how many were done."""
-    sql = "SELECT p.content_row, c.doc_id FROM text_pending p JOIN contents c ON c.rowid = p.content_row"
+def extract_pending(queries, limit=BATCH, upto=None):
+    """Text of up to ``limit`` queued contents (those ``<= upto`` if given), as
+    ``[(content_row, headers, body)]``: a read job, so that the costly part —
+    parsing and decoding — runs beside the writer instead of holding it."""
+    sql = ("SELECT p.content_row, c.doc_id FROM text_pending p "
+           "JOIN contents c ON c.rowid = p.content_row")
     params = ()
     if upto is not None:
         sql += " WHERE p.content_row <= ?"
         params = (upto,)
-    rows = txn.execute(sql + " ORDER BY p.content_row LIMIT ?", (*params, limit)).fetchall()
+    rows = queries.execute(sql + " ORDER BY p.content_row LIMIT ?", (*params, limit)).fetchall()
     entries = []
     for rowid, doc_id in rows:
-        content = load_content(txn, doc_id)
-        if content is not None:
-            entries.append((rowid, *message_text(txn, content)))
+        content = load_content(queries, doc_id)
+        entries.append((rowid, *message_text(queries, content)) if content is not None
+                       else (rowid, "", ""))
+    return entries
+
+
+def store_extracted(txn, entries):
+    """Put extracted text in the index, for what is still queued (a content may have
+    been deleted, or indexed by a flush, since it was read); returns how many."""
+    if not entries:
+        return 0
+    marks = ",".join("?" * len(entries))
+    queued = {row for (row,) in txn.execute(
+        f"SELECT content_row FROM text_pending WHERE content_row IN ({marks})",
+        [rowid for rowid, _, _ in entries])}
+    fresh = [entry for entry in entries if entry[0] in queued]
     txn.conn.executemany(
-        "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)", entries
-    )
+        "INSERT INTO text_index (rowid, headers, body) VALUES (?, ?, ?)", fresh)
     txn.conn.executemany(
-        "DELETE FROM text_pending WHERE content_row = ?", [(rowid,) for rowid, _ in rows]
-    )
-    return len(rows)
+        "DELETE FROM text_pending WHERE content_row = ?", [(entry[0],) for entry in fresh])
+    return len(entries)
+
+
+async def index_batch(store, limit=BATCH, upto=None):
+    """Index one batch; returns how many queued contents it looked at."""
+    entries = await store.read(extract_pending, limit, upto)
+    return await store.transact(store_extracted, entries)
 
 
 def _last_pending(queries):
@@ -98,11 +119,18 @@ class TextIndexer:
         self._reactor = reactor
         self._running = None
         self._timer = None
+        self._kicks = 0
         self.closed = False
 
     def kick(self):
         """Make sure queued work gets done once imports pause; cheap to call often."""
         if self.closed:
+            return
+        self._kicks += 1
+        if self._kicks >= BATCH:
+            # A steady stream of imports never pauses: index as it comes rather than
+            # leaving it all to the first text search.
+            self._start()
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(IDLE_DELAY)
@@ -117,7 +145,8 @@ class TextIndexer:
 
     async def _run(self):
         while not self.closed:
-            if await self.store.transact(index_pending) < BATCH:
+            self._kicks = 0
+            if await index_batch(self.store) < BATCH:
                 return
 
     def _failed(self, failure):
@@ -127,11 +156,13 @@ class TextIndexer:
 
     def _stopped(self, _):
         self._running = None
+        if self._kicks and not self.closed:
+            self.kick()
 
     async def flush(self):
         """Index everything queued before this call (what a text search must see)."""
         upto = await self.store.read(_last_pending)
-        while upto is not None and await self.store.transact(index_pending, BATCH, upto):
+        while upto is not None and await index_batch(self.store, BATCH, upto):
             pass
 
     def close(self):
