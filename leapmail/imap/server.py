@@ -676,14 +676,12 @@ class LeapIMAPServer(imap4.IMAP4Server):
         ranges = None
         if known is not None:
             ranges = uid_ranges_for_uids(view, known)
-        if matches is not None:
-            # The client's (sequence, UID) pairs tell how far its numbering is right;
-            # we report from the start anyway, which is always correct.
-            pass
+        # The (sequence, UID) match data only lets a server shorten VANISHED; the full
+        # answer is always correct (RFC 7162 3.2.5.2), so it is parsed and not used.
+        del matches
         vanished = await view.vanished_since(modseq, ranges)
         if vanished:
             self._write(b"* VANISHED (EARLIER) " + _compress(vanished) + b"\r\n")
-        from leapmail.mail.search import search  # noqa: F401  (the node format)
         uids = await view.search(("modseq", modseq + 1))
         uids = [u for u in uids if view.seq_of(u) is not None]
         await self._fetch_uids(view, uids, ["UID", "FLAGS", "MODSEQ"], uid_mode=True)
@@ -1037,8 +1035,11 @@ class LeapIMAPServer(imap4.IMAP4Server):
             return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
                                          recent, condstore, want_content, newly_seen)
 
-        # Two batches in flight: one reader thread renders the next while we write.
-        batches = [uids[i:i + FETCH_BATCH] for i in range(0, len(uids), FETCH_BATCH)]
+        # Two batches in flight, so both reader threads work (SQLCipher decrypts
+        # without holding the GIL) while we write.  Message bodies come in smaller
+        # batches: each is more work, and a short first batch starts the output sooner.
+        size = FETCH_BATCH if fetchlib.header_only(items) or not want_content else 50
+        batches = [uids[i:i + size] for i in range(0, len(uids), size)]
         pending = deque(store.read(job, batch) for batch in batches[:2])
         following = 2
         while pending:

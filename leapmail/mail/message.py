@@ -214,6 +214,8 @@ class Content:
 
     def section_range(self, path=(), part=None):
         """``(start, end)`` of an IMAP-style section, or ``None`` if there is no such part."""
+        if not path and part is None:
+            return 0, self.size  # the whole message: no need to decode the tree
         # section_range only measures the raw message for the whole-message case.
         return mime.section_range(_Sized(self.size), self.tree, tuple(path), part)
 
