@@ -15,3 +15,7 @@ def freeze_startup_heap():
     """
     gc.collect()
     gc.freeze()
+    # Serving mail allocates many short-lived objects (rows, decoded documents,
+    # response pieces) that reference counting frees; the default young-generation
+    # threshold (700) made cyclic collections 10-15% of a 300-message body FETCH.
+    gc.set_threshold(50_000, 20, 20)

@@ -1283,6 +1283,8 @@ class IMAPServerFactory(protocol.ServerFactory):
     """Serves one account's mail.  ``account`` may be set after construction (the
     daemon creates it once twistd has forked), but before listening starts."""
 
+    noisy = False  # "Starting factory ..." says nothing the listening line does not
+
     def __init__(self, account, username, password, context_factory=None,
                  appendlimit=APPENDLIMIT):
         self.account = account
