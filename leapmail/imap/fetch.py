@@ -54,7 +54,7 @@ def parse_items(cursor):
 
 
 def _word(cursor):
-    word = cursor._run(set(b"[ ()<") | set(range(0x20)))
+    word = cursor.take_until(set(b"[ ()<") | set(range(0x20)))
     if not word:
         raise ParseError("expected a fetch attribute")
     return word.upper().decode("ascii", "replace")
@@ -75,17 +75,13 @@ def _item(cursor, word):
         return Section(b"RFC822.HEADER", part="HEADER", peek=True)
     if word == "RFC822.TEXT":
         return Section(b"RFC822.TEXT", part="TEXT")
-    if word in ("BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK") and cursor.peek() == b"[":
-        if word.startswith("BINARY"):
-            raise ParseError("BINARY is not supported")
-        return _section(cursor, peek=word == "BODY.PEEK")
     raise ParseError(f"unknown fetch attribute {word}")
 
 
 def _section(cursor, peek):
     cursor.expect(b"[")
     path, part, fields = [], None, ()
-    spec = cursor._run(set(b"] (") | set(range(0x20))).upper()
+    spec = cursor.take_until(set(b"] (") | set(range(0x20))).upper()
     if spec:
         pieces = spec.split(b".")
         i = 0

@@ -237,7 +237,8 @@ class Cursor:
         if not self.skip(char):
             raise ParseError(what or f"expected {char.decode()!r}")
 
-    def _run(self, excluded):
+    def take_until(self, excluded):
+        """The run of bytes up to one in ``excluded`` (or a literal, or the end)."""
         text = self._text()
         start = self._pos
         stop = self._marker[self._i]
@@ -249,9 +250,14 @@ class Cursor:
 
     # -- tokens
 
+    def peek_word(self, word):
+        """Whether ``word`` and a space come next (case-insensitively)."""
+        text = self._text()
+        return text[self._pos:self._pos + len(word) + 1].upper() == word + b" "
+
     def atom(self, what="an atom", extra=b""):
         excluded = _ATOM_EXCLUDED - set(extra)
-        value = self._run(excluded)
+        value = self.take_until(excluded)
         if not value:
             raise ParseError(f"expected {what}")
         return value
@@ -311,7 +317,7 @@ class Cursor:
         return None
 
     def number(self, what="a number", nonzero=False):
-        digits = self._run(set(range(256)) - set(b"0123456789"))
+        digits = self.take_until(set(range(256)) - set(b"0123456789"))
         if not digits or len(digits) > 20:
             raise ParseError(f"expected {what}")
         value = int(digits)
@@ -341,7 +347,7 @@ class Cursor:
         """list-mailbox = 1*list-char / string (list-char adds "%" "*" "]")."""
         if self.peek() in (b'"', b"{"):
             return self.string("a mailbox pattern")
-        value = self._run(_ATOM_EXCLUDED - set(b"%*]"))
+        value = self.take_until(_ATOM_EXCLUDED - set(b"%*]"))
         if not value:
             raise ParseError("expected a mailbox pattern")
         return value

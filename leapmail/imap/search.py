@@ -179,7 +179,7 @@ class SearchParser:
 def parse_search(cursor, view):
     """``(node, return_options or None, uses_modseq)`` from ``[RETURN (..)] program``."""
     options = None
-    if cursor.peek() not in (b"(", b"") and _peek_word(cursor, b"RETURN"):
+    if cursor.peek() not in (b"(", b"") and cursor.peek_word(b"RETURN"):
         cursor.atom()
         cursor.sp()
         options = []
@@ -194,9 +194,3 @@ def parse_search(cursor, view):
     parser = SearchParser(cursor, view)
     node = parser.program()
     return node, options, parser.uses_modseq, parser.charset
-
-
-def _peek_word(cursor, word):
-    text = cursor._text()
-    pos = cursor._pos
-    return text[pos:pos + len(word) + 1].upper() == word + b" "

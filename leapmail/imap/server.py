@@ -573,6 +573,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
     def cmd_ENABLE(self, tag, c):
         enabled = []
+        if c.at_end():
+            raise ParseError("ENABLE needs a capability")
         while not c.at_end():
             c.sp()
             word = c.atom("a capability").upper()
@@ -584,8 +586,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 if not self.condstore:
                     self._enable_condstore(announce=False)
                 enabled.append(b"QRESYNC")
-        if not enabled and c._pos == 0:
-            raise ParseError("ENABLE needs a capability")
         self._write(b"* ENABLED" + b"".join(b" " + e for e in enabled) + b"\r\n")
         self._finish(tag, "OK", "Enabled")
 
