@@ -77,6 +77,10 @@ def human_nstring(value):
     """A subject or display name, with Dovecot's quoted/literal choice for them."""
     if value is None:
         return NIL
+    if isinstance(value, (list, tuple)):
+        # Normalized from something with line breaks, tabs or extra spaces: Dovecot
+        # sends those as literals (an all-blank one as "").
+        return literal(value[0]) if value[0] else b'""'
     data = _bytes(value)
     if (len(data) > QUOTED_MAX_LENGTH or not data.isascii() or b'"' in data
             or b"\\" in data or b"\t" in data or b"  " in data

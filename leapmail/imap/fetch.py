@@ -248,11 +248,18 @@ def _render_section(queries, content, section, preloaded=None):
         if data is not None:
             data = data[offset:offset + length]
     if data is not None:
-        return [name + b" {%d}\r\n" % len(data), data]
+        return [name + b" {%d}\r\n" % len(data), wire_bytes(data)]
     if end - start > STREAM_THRESHOLD:
         return [name + b" {%d}\r\n" % (end - start), Stream(content, start, end)]
     return [name + b" {%d}\r\n" % (end - start),
-            read_range(queries, content, start, end, preloaded)]
+            wire_bytes(read_range(queries, content, start, end, preloaded))]
+
+
+def wire_bytes(data):
+    """Message bytes as a literal may carry them: RFC 3501 9 allows no NUL in a
+    literal (CHAR8 is %x01-ff), so NUL goes out as 0x80, as Dovecot sends it.  The
+    length does not change; BINARY would be the way to get NULs through."""
+    return data.replace(b"\0", b"\x80") if b"\0" in data else data
 
 
 def render_batch(queries, metas, seqs, items, recent, condstore, want_content,

@@ -1056,7 +1056,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                         out = []
                         async for chunk in iter_range(store, piece.content, piece.start,
                                                       piece.end):
-                            self._write(chunk)
+                            self._write(fetchlib.wire_bytes(chunk))
                             await self._drain()
                     else:
                         out.append(piece)

@@ -36,7 +36,8 @@ domains, empty list items, 8-bit bytes.  Nothing here raises on any input.
 
 from .headers import split_fields
 
-__all__ = ["envelope", "parse_addresses", "for_humans", "header_value", "ENVELOPE_FIELDS"]
+__all__ = ["envelope", "parse_addresses", "for_humans", "for_humans_marked", "header_value",
+           "ENVELOPE_FIELDS"]
 
 ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc",
                    "in-reply-to", "message-id")
@@ -160,6 +161,19 @@ def for_humans(value):
     return bytes(out)
 
 
+def for_humans_marked(value):
+    """:func:`for_humans`, remembering whether it changed anything.
+
+    Dovecot sends such a value as a literal (and an unchanged one as a quoted
+    string unless it needs escapes), so a changed value is kept as a one-element
+    list ``[normalized]`` for the IMAP encoder to tell; unchanged values stay bytes.
+    """
+    if value is None:
+        return None
+    normalized = for_humans(value)
+    return normalized if normalized == value else [normalized]
+
+
 def envelope(header_block):
     """The ENVELOPE of the message whose header block is ``header_block`` (bytes)."""
     try:
@@ -195,7 +209,7 @@ def _envelope(block):
     from_ = addresses[2]
     sender = addresses[3] if addresses[3] is not None else _copy(from_)
     reply_to = addresses[4] if addresses[4] is not None else _copy(from_)
-    return (strings["date"], for_humans(strings["subject"]), from_, sender, reply_to,
+    return (strings["date"], for_humans_marked(strings["subject"]), from_, sender, reply_to,
             addresses[5], addresses[6], addresses[7], strings["in-reply-to"],
             strings["message-id"])
 
@@ -216,7 +230,7 @@ def parse_addresses(value):
         return None
     if not result:
         return None
-    return [(for_humans(name) if name is not None else None, route, mailbox, domain)
+    return [(for_humans_marked(name), route, mailbox, domain)
             for name, route, mailbox, domain in result]
 
 

@@ -107,9 +107,22 @@ def filter_fields(block, keys, keep):
     """The header block with only (``keep=True``) or without the fields named in ``keys``.
 
     This is what IMAP's HEADER.FIELDS and HEADER.FIELDS.NOT return: the matching
-    fields' exact bytes in their original order, followed by an empty line (CRLF).
-    Nameless junk lines count as not matching any name.
+    fields' exact bytes in their original order, followed by an empty line.  As in
+    Dovecot, HEADER.FIELDS always ends with CRLF, while HEADER.FIELDS.NOT ends with
+    the block's own empty line — none if the message had none.  Nameless junk lines
+    count as not matching any name.
     """
     wanted = {k.lower() for k in keys}
-    kept = [f.raw for f in split_fields(block) if (f.key in wanted and f.name != b"") == keep]
-    return b"".join(kept) + b"\r\n"
+    fields = split_fields(block)
+    # A name is compared up to a NUL in it, as Dovecot compares C strings.
+    kept = [f for f in fields
+            if (f.name.split(b"\0", 1)[0].decode("latin-1").lower() in wanted
+                and f.name != b"") == keep]
+    if keep:
+        # Dovecot writes a kept field whose name holds a NUL as the name up to the
+        # NUL, then the raw rest from the colon on.
+        return b"".join(f.raw if b"\0" not in f.name
+                        else f.name.split(b"\0", 1)[0] + f.raw[f.raw.index(b":"):]
+                        for f in kept) + b"\r\n"
+    kept = [f.raw for f in kept]
+    return b"".join(kept) + block[sum(len(f.raw) for f in fields):]

@@ -36,7 +36,9 @@ def prepare(raw, keyed_id):
     """Parse once and compute everything later reads need.  CPU only: run off-reactor."""
     raw = bytes(raw)
     view = memoryview(raw)
-    root = mime.parse(raw)
+    # Dovecot's placement of a line end before a boundary that cuts a header short
+    # (see leapmail.mail.mime): what IMAP clients are compared against.
+    root = mime.parse(raw, dovecot_line_ends=True)
     leaves = mime.leaves(root)
     part_ids, parts, seen = [], [], set()
     for leaf in leaves:

@@ -36,7 +36,9 @@ message inside a message/rfc822 part), every part that boundary closes ends befo
 the line end preceding it, as RFC 2046 says.  Dovecot adds that line end to the cut
 part's parent, so its BODY[n] of that parent is one line end longer and, for a
 message/rfc822 parent, BODYSTRUCTURE size and lines count it too.
-``parse(raw, dovecot_line_ends=True)`` does the same, for exact compatibility.
+``parse(raw, dovecot_line_ends=True)`` does the same, for exact compatibility; the
+store parses that way (:func:`leapmail.mail.message.prepare`), because IMAP clients
+and their users compare what we serve with Dovecot.
 """
 
 import base64
