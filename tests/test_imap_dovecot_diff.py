@@ -19,6 +19,44 @@ ITEMS = (b"(UID RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY BODY.PEEK[HEADER] BODY.P
          b"BODY.PEEK[HEADER.FIELDS.NOT (RECEIVED)] BODY.PEEK[]<10.50>)")
 
 
+# Search keys over the corpus; strings are sent as literals, so UTF-8 is allowed.
+SEARCHES = [
+    ("SUBJECT", "hello"), ("SUBJECT", "Grüße"), ("FROM", "alice"), ("FROM", "example.org"),
+    ("TO", "dave"), ("CC", "carol"), ("BODY", "Köln"), ("BODY", "plain"),
+    ("TEXT", "attachment"), ("TEXT", "report.pdf"), ("HEADER Content-Type", "multipart"),
+    ("HEADER X-Mailer", ""), ("BODY", "smart quotes"), ("SUBJECT", ""), ("BODY", "日本語"),
+    ("TEXT", "Привет"), ("BODY", "ünïcödé"), ("TEXT", "e"), ("BODY", "x"),
+    ("HEADER Message-ID", "example.org"), ("TEXT", "boundary"), ("BODY", "--"),
+    ("SUBJECT", "Re:"), ("TEXT", "a very long"), ("BODY", "€"), ("TEXT", "œuvre"),
+    ("BODY", "charset"), ("TEXT", "Content-Transfer-Encoding"), ("BODY", "From:"),
+    ("TEXT", "filename"), ("BODY", "%"), ("TEXT", "quoted-printable"), ("BODY", "=C3"),
+    ("SENTBEFORE 15-Jan-2024", None), ("SENTON 12-Jan-2024", None),
+    ("SENTSINCE 1-Jan-2024", None), ("LARGER 5000", None), ("SMALLER 300", None),
+    ("NOT FROM", "alice"), ("OR SUBJECT test FROM", "dave"),
+]
+
+
+def search(conn, key, needle):
+    """``(status, [uids])`` of ``UID SEARCH CHARSET UTF-8 key [needle]``."""
+    tag = conn._new_tag()
+    command = tag + b" UID SEARCH CHARSET UTF-8 " + key.encode()
+    if needle is not None:
+        data = needle.encode()
+        command += b" {%d+}\r\n" % len(data) + data
+    conn.send(command + b"\r\n")
+    found = []
+    while True:
+        line = conn.readline()
+        if line.startswith(b"* SEARCH"):
+            found = [int(n) for n in line.split()[2:]]
+        if line.startswith(tag + b" "):
+            return line.split()[1], found
+
+
+def searches(conn):
+    return {(key, needle): search(conn, key, needle) for key, needle in SEARCHES}
+
+
 def responses(conn, count):
     """Each message's FETCH response as one bytes value, literals inline."""
     out = []
@@ -58,7 +96,7 @@ async def test_fetch_matches_dovecot_for_the_corpus(imap_server, tmp_path):
             conn.login(dovecot.user, dovecot.password)
             kept = append_all(conn, messages)
             conn.select("INBOX")
-            got = responses(conn, len(kept))
+            got = responses(conn, len(kept)), searches(conn)
             conn.logout()
             return kept, got
 
@@ -66,17 +104,22 @@ async def test_fetch_matches_dovecot_for_the_corpus(imap_server, tmp_path):
             conn = imap_server.imaplib()
             kept = append_all(conn, messages)
             conn.select("INBOX")
-            got = responses(conn, len(kept))
+            got = responses(conn, len(kept)), searches(conn)
             conn.logout()
             return kept, got
 
-        theirs_kept, theirs = await in_thread(run_dovecot)
-        ours_kept, ours = await in_thread(run_leapmail)
+        theirs_kept, (theirs, their_searches) = await in_thread(run_dovecot)
+        ours_kept, (ours, our_searches) = await in_thread(run_leapmail)
     assert ours_kept == theirs_kept
     assert len(ours) == len(theirs) == len(ours_kept)
     different = [(i + 1, o, t) for i, (o, t) in enumerate(zip(ours, theirs)) if o != t]
     assert not different, f"{len(different)} of {len(ours)} differ:\n" + "\n".join(
         _where(*d) for d in different[:8])
+    assert all(status == b"OK" for status, _ in their_searches.values())
+    mismatched = {q: (sorted(set(our_searches[q][1]) - set(t)), sorted(set(t) - set(our_searches[q][1])))
+                  for q, (_, t) in their_searches.items() if our_searches[q] != their_searches[q]}
+    assert not mismatched, "SEARCH differs (ours only, Dovecot only):\n" + "\n".join(
+        f"{q}: {d}" for q, d in mismatched.items())
 
 
 def _where(number, ours, theirs):

@@ -39,7 +39,7 @@ def reference(node, m):
     if kind in ("internal", "sent"):
         day = m["internal_day"] if kind == "internal" else m["sent_day"]
         if day is None:
-            return False
+            day = datetime.date(1970, 1, 1).toordinal()  # no usable Date:, as Dovecot
         target = node[2].toordinal()
         return {"before": day < target, "on": day == target, "since": day >= target}[node[1]]
     if kind == "modseq":
@@ -55,14 +55,13 @@ def reference(node, m):
 
 
 def describe(raw):
-    root = mime.parse(raw)
+    # The text model itself (mime.search_text) is checked against Dovecot in
+    # tests/test_imap_dovecot_diff.py; here the SQL and the index are checked on it.
+    root = mime.parse(raw, dovecot_line_ends=True)
     headers = [(n.decode("latin-1").lower(), mime.decode_header_value(v))
                for n, v in mime.header_fields(raw, root.start, root.header_end)]
-    return {
-        "headers": headers,
-        "header_text": "\n".join(f"{n}: {v}" for n, v in headers),
-        "body": "\n".join(mime.decoded_text(raw, root, root_header=False)),
-    }
+    header_text, body = mime.search_text(raw, root)
+    return {"headers": headers, "header_text": header_text, "body": body}
 
 
 QUERIES = [

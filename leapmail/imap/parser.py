@@ -18,8 +18,8 @@ MAX_LITERALS = 1000
 
 _LITERAL_AT_END = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}$")
 _TAG = re.compile(rb"[\x21-\x7e]+")
-# atom-char: any CHAR except atom-specials "(" ")" "{" SP CTL "%" "*" DQUOTE "\" "]"
-_ATOM_EXCLUDED = set(b'(){ %*"\\]') | set(range(0x00, 0x20)) | {0x7F}
+# atom-char: any CHAR (7-bit) except atom-specials "(" ")" "{" SP CTL "%" "*" DQUOTE "\" "]"
+_ATOM_EXCLUDED = set(b'(){ %*"\\]') | set(range(0x00, 0x20)) | set(range(0x7F, 0x100))
 _TAG_EXCLUDED = _ATOM_EXCLUDED | {ord("+")}
 
 

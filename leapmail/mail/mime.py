@@ -915,6 +915,38 @@ def _mime_info(raw, ent):
     return encoding, charset
 
 
+def search_text(raw, root):
+    """``(headers, body)``: the text of a message as Dovecot's SEARCH reads it.
+
+    ``headers`` is every header line of every entity — the message's, each MIME
+    part's and each embedded message's — as ``Name: value`` with RFC 2047 words
+    decoded (what SEARCH TEXT matches besides the body).  ``body`` is the decoded
+    content of each text/* and message/* leaf, transfer encoding and charset undone
+    (what SEARCH BODY matches); other leaves (images, archives) hold no text.
+    Nothing raises: bad encodings and unknown charsets degrade to UTF-8 or latin-1.
+    """
+    raw = _as_bytes(raw)
+    headers, bodies = [], []
+    for e in walk(root):
+        try:
+            content_type = e.content_type
+            for name, value in header_fields(raw, e.start, e.header_end):
+                headers.append(name.decode("latin-1") + ": " + decode_header_value(value))
+                if _field_key(name) == b"content-type":
+                    # Dovecot's search takes the last Content-Type as the part's type
+                    # (its MIME parser, like ours, the first).
+                    content_type = value.strip().split(b";", 1)[0].strip().decode(
+                        "latin-1").lower()
+            if not e.children and content_type.startswith(("text/", "message/")):
+                encoding, charset = _mime_info(raw, e)
+                text = _decode(_decode_body(raw[e.body_start:e.end], encoding), charset)
+                if text:
+                    bodies.append(text)
+        except Exception:  # noqa: BLE001, S112 - the index must not stop at one bad part
+            continue
+    return "\n".join(headers), "\n".join(bodies)
+
+
 def decoded_text(raw, root, *, root_header=True):
     """Text for a full-text index: header values, then every text/* leaf, decoded.
 

@@ -114,9 +114,13 @@ CREATE TABLE subscriptions (
 # instead of decoding the whole content document.  NULL for contents indexed before.
 # Also the zone an internal date was given in (minutes east of UTC), so that
 # INTERNALDATE shows the time as the client gave it.
+# And the full-text index is rebuilt: its text now follows Dovecot's SEARCH (every
+# header of every part for TEXT; only text/* and message/* bodies for BODY).
 _V2 = """
 ALTER TABLE contents ADD COLUMN header BLOB;
 ALTER TABLE messages ADD COLUMN tz INTEGER NOT NULL DEFAULT 0;
+DELETE FROM text_index;
+INSERT OR IGNORE INTO text_pending (content_row) SELECT rowid FROM contents;
 """
 
 

@@ -22,6 +22,7 @@ served by the trigram full-text index for needles of three characters or more.
 
 import json
 
+_EPOCH_DAY = 719163  # datetime.date(1970, 1, 1).toordinal()
 _DAY_OPS = {"before": "<", "on": "=", "since": ">="}
 
 
@@ -93,8 +94,11 @@ def compile_query(node, params):
         if op not in _DAY_OPS:
             raise QueryError(f"unknown date comparison {op!r}")
         params.append(day.toordinal())
+        # A message without a usable Date: counts as sent on 1 January 1970, as in
+        # Dovecot: SENTBEFORE finds it, SENTSINCE does not.
         column = ("m.internal_day" if kind == "internal"
-                  else "(SELECT sent_day FROM contents WHERE rowid = m.content_row)")
+                  else "(SELECT coalesce(sent_day, %d) FROM contents WHERE rowid = m.content_row)"
+                  % _EPOCH_DAY)
         return f"({column} {_DAY_OPS[op]} ?)"
     if kind == "modseq":
         params.append(node[1])

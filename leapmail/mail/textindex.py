@@ -34,13 +34,7 @@ def message_text(queries, content):
         raw = read_range(queries, content, 0, content.size)
     else:
         raw = _without_attachments(queries, content)
-    root = mime.parse(raw)
-    headers = "\n".join(
-        f"{name.decode('latin-1')}: {mime.decode_header_value(value)}"
-        for name, value in mime.header_fields(raw, root.start, root.header_end)
-    )
-    body = "\n".join(mime.decoded_text(raw, root, root_header=False))
-    return headers, body
+    return mime.search_text(raw, mime.parse(raw, dovecot_line_ends=True))
 
 
 def _without_attachments(queries, content):
