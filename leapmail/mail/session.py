@@ -244,9 +244,10 @@ def read_meta(queries, mailbox, uids, with_header=False):
 def _overview(queries, mailbox):
     from leapmail.mail.flags import SEEN
 
+    # The literal 1 (SEEN) lets SQLite use the partial index messages_unseen.
+    assert SEEN == 1
     row = queries.execute(
-        "SELECT min(uid) FROM messages WHERE mailbox = ? AND (sysflags & ?) = 0",
-        (mailbox, SEEN),
+        "SELECT min(uid) FROM messages WHERE mailbox = ? AND (sysflags & 1) = 0", (mailbox,)
     ).fetchone()
     keywords = {}
     for (words,) in queries.execute(
