@@ -5,6 +5,7 @@ the numbers, the RFC fixes how they relate (positive, growing with every change,
 HIGHESTMODSEQ the largest of them).
 """
 
+import re
 import pytest_twisted
 
 from dovecot import fetch_items
@@ -502,9 +503,15 @@ async def test_qresync_expunges_arrive_as_vanished(imap_server):
 
         # Our own EXPUNGE, UID EXPUNGE and MOVE answer with VANISHED too.
         a.ok(b"UID STORE 6 +FLAGS.SILENT (\\Deleted)")
-        assert known_a.run(a, b"EXPUNGE") == (b"OK", [b"* VANISHED 6"])
+        # With QRESYNC the tagged OK carries the new HIGHESTMODSEQ (RFC 7162 3.2.10),
+        # as Dovecot's does.
+        status, untagged = known_a.run(a, b"EXPUNGE")
+        assert untagged == [b"* VANISHED 6"]
+        assert re.fullmatch(rb"OK \[HIGHESTMODSEQ \d+\]", status), status
         a.ok(b"UID STORE 7,8 +FLAGS.SILENT (\\Deleted)")
-        assert known_a.run(a, b"UID EXPUNGE 8") == (b"OK", [b"* VANISHED 8"])
+        status, untagged = known_a.run(a, b"UID EXPUNGE 8")
+        assert untagged == [b"* VANISHED 8"]
+        assert re.fullmatch(rb"OK \[HIGHESTMODSEQ \d+\]", status), status
         status, untagged = known_a.run(a, b"UID MOVE 1,4 Archive")
         assert status == b"OK"
         assert untagged[0].startswith(b"* OK [COPYUID ")

@@ -928,8 +928,13 @@ class LeapIMAPServer(imap4.IMAP4Server):
             uids = self._resolve(c.sequence_set(), True)
         c.end()
         self._require_writable()
-        await self.view.expunge(uids)
-        self._finish(tag, "OK", "Expunge completed")
+        expunged = await self.view.expunge(uids)
+        self._send_updates(True)
+        code = None
+        if self.qresync and expunged:
+            # RFC 7162 3.2.10: with QRESYNC the client learns the new HIGHESTMODSEQ here.
+            code = "HIGHESTMODSEQ %d" % max(1, self.view.highestmodseq)
+        self._finish(tag, "OK", "Expunge completed", code=code)
 
     cmd_EXPUNGE.takes_uid = True
 
