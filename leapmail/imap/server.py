@@ -56,8 +56,10 @@ from leapmail.mail.session import read_meta
 
 #: Largest message APPEND accepts (advertised as APPENDLIMIT).
 APPENDLIMIT = 64 * 1024 * 1024
-#: Pipelined commands read ahead of the one running; beyond this we stop reading.
+#: Pipelined commands read ahead of the one running; beyond this many, or this many
+#: literal bytes (LITERAL+ APPENDs need no "+" to keep coming), we stop reading.
 MAX_QUEUED = 64
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: Consecutive bad commands before the connection is closed (as Dovecot does).
 MAX_BAD_COMMANDS = 20
 #: Messages per store read while answering FETCH.
@@ -147,6 +149,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self.condstore = False
         self.qresync = False
         self._queue = deque()
+        self._queued_bytes = 0
         self._running = False
         self._continuation = None
         self._idle = False
@@ -269,7 +272,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
     def _unit_read(self, unit):
         self._queue.append(unit)
-        if len(self._queue) >= MAX_QUEUED:
+        self._queued_bytes += sum(map(len, unit.literals))
+        if len(self._queue) >= MAX_QUEUED or self._queued_bytes >= MAX_QUEUED_BYTES:
             self._reader.paused = True
             self.transport.pauseProducing()
         self._next()
@@ -278,12 +282,16 @@ class LeapIMAPServer(imap4.IMAP4Server):
         while self._queue:
             if self._continuation is not None:
                 d, self._continuation = self._continuation, None
-                d.callback(self._queue.popleft())
+                unit = self._queue.popleft()
+                self._queued_bytes -= sum(map(len, unit.literals))
+                d.callback(unit)
                 continue
             if self._running or self._closed:
                 return
             unit = self._queue.popleft()
-            if self._reader.paused and len(self._queue) < MAX_QUEUED // 2:
+            self._queued_bytes -= sum(map(len, unit.literals))
+            if (self._reader.paused and len(self._queue) < MAX_QUEUED // 2
+                    and self._queued_bytes < MAX_QUEUED_BYTES):
                 self._reader.paused = False
                 self.transport.resumeProducing()
                 reactor.callLater(0, self._reader.resume)
@@ -465,6 +473,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         """Close after what is written; nothing the client sent after this runs."""
         self._reader.close()
         self._queue.clear()
+        self._queued_bytes = 0
         self._closed = True
         self.transport.loseConnection()
 
@@ -496,6 +505,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         # Nothing the client sent before the handshake may count as a command after it
         # (the STARTTLS command-injection attack).
         self._queue.clear()
+        self._queued_bytes = 0
         self._reader.close()
         self._reader = CommandReader(self._literal_limit, self._unit_read,
                                      self._literal_accepted, self._framing_rejected)

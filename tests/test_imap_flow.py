@@ -1,0 +1,37 @@
+"""Flow control: a client that pipelines more than the server buffers is slowed, not
+dropped, and nothing it sent is lost or reordered."""
+
+import pytest_twisted
+
+from imap_support import in_thread
+from leapmail.imap import server as imap_server_module
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_literal_plus_appends_beyond_the_read_ahead_bound(imap_server):
+    # 40 APPENDs of 1 MiB each with LITERAL+ (no "+" to wait for) is 2.5 times the
+    # read-ahead bound: reading must pause and resume.
+    assert 40 * 2**20 > 2 * imap_server_module.MAX_QUEUED_BYTES
+    bodies = [b"Subject: %d\r\n\r\n" % i + bytes([65 + i % 26]) * (2**20 - 20) for i in range(40)]
+
+    def client():
+        c = imap_server.raw()
+        c.send(b"".join(b"A%d APPEND INBOX {%d+}\r\n" % (i, len(body)) + body + b"\r\n"
+                        for i, body in enumerate(bodies)))
+        tagged = []
+        while len(tagged) < 40:
+            line = c.line()
+            if line.startswith(b"A"):
+                tagged.append(line)
+        c.command(b"s", b"SELECT INBOX")
+        out = c.response(b"f", b"UID FETCH 1:* (RFC822.SIZE BODY.PEEK[]<0.12>)")
+        c.close()
+        return tagged, out
+
+    tagged, out = await in_thread(client)
+    assert [t.split(b" ")[0] for t in tagged] == [b"A%d" % i for i in range(40)]
+    assert all(b" OK [APPENDUID " in t and t.endswith(b" %d] Append completed\r\n" % (i + 1))
+               for i, t in enumerate(tagged))
+    for i, body in enumerate(bodies):
+        assert (b"* %d FETCH (UID %d RFC822.SIZE %d BODY[]<0> {12}\r\n%s)\r\n"
+                % (i + 1, i + 1, len(body), body[:12])) in out
