@@ -278,7 +278,11 @@ class _ConnectionTracker:
     @defer.inlineCallbacks
     def close_all(self, grace):
         for protocol in list(self._live):
-            protocol.transport.loseConnection()
+            shutdown = getattr(protocol, "shutdown", None)
+            if shutdown is not None:
+                shutdown()  # says BYE first (RFC 3501 7.1.5)
+            else:
+                protocol.transport.loseConnection()
         gone = self._wait()
         timer = self._reactor.callLater(grace, self._abort_all)
         try:

@@ -349,8 +349,13 @@ def test_stopping_closes_open_connections_first(home):
     finally:
         out = stop(daemon)
     with idle:
-        # The server hung up (maybe after a BYE): the connection reads to its end.
-        while idle.recv(4096):
-            pass
+        # The server says BYE (RFC 3501 7.1.5), then hangs up.
+        rest = b""
+        while True:
+            data = idle.recv(4096)
+            if not data:
+                break
+            rest += data
+        assert rest == b"* BYE Server shutting down\r\n"
     assert b"Server Shut Down." in out
     assert not os.path.exists(os.path.join(home, "store.db-wal"))

@@ -469,6 +469,14 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._write(b"* BYE Logging out\r\n" + tag + b" OK Logout completed\r\n")
         self._hang_up()
 
+    def shutdown(self):
+        """The daemon is stopping: say so, then close (whatever command was running)."""
+        if not self._closed:
+            self._write(b"* BYE Server shutting down\r\n")
+            self._close_mailbox()
+            self.state = "logout"
+            self._hang_up()
+
     def _hang_up(self):
         """Close after what is written; nothing the client sent after this runs."""
         self._reader.close()
