@@ -346,7 +346,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             return self._bad(tag, "Unknown command" if rest else "Missing command")
         states = getattr(handler, "states", ("select",))
         if self.state not in states:
-            return self._bad(tag, _STATE_ERRORS.get(self.state, "Command not allowed now"))
+            return self._bad(tag, _state_error(self.state, states))
         cursor = Cursor(unit, start)
         try:
             if getattr(handler, "takes_uid", False):
@@ -1218,12 +1218,15 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_MOVE.takes_uid = True
 
 
-_STATE_ERRORS = {
-    "unauth": "Log in first",
-    "auth": "No mailbox selected",
-    "select": "Not allowed while a mailbox is selected",
-    "logout": "Logging out",
-}
+def _state_error(state, allowed):
+    """Why a command is refused in ``state`` when it is valid in ``allowed`` states."""
+    if state == "logout":
+        return "Logging out"
+    if state == "unauth":
+        return "Log in first"
+    if allowed == ("unauth",):
+        return "Already logged in"
+    return "No mailbox selected"
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ",
                  "SIZE", "APPENDLIMIT")
