@@ -32,33 +32,30 @@ _DATE_KEYS = {
 }
 
 
-def uid_ranges_for_seqs(view, ranges):
-    """Sequence ranges (None for "*") as UID ranges; numbers past the end match nothing."""
-    exists = view.exists
+def ordered_ranges(ranges, star):
+    """``(low, high)`` pairs with "*" (None) read as ``star`` and each pair in order
+    (RFC 3501 9: "a range is equivalent to ``b:a``")."""
     out = []
     for low, high in ranges:
-        low = exists if low is None else low
-        high = exists if high is None else high
-        if low > high:
-            low, high = high, low
-        high = min(high, exists)
-        if low < 1 or low > high:
-            continue
-        out.append((view.uid_of(low), view.uid_of(high)))
+        low = star if low is None else low
+        high = star if high is None else high
+        out.append((low, high) if low <= high else (high, low))
+    return out
+
+
+def uid_ranges_for_seqs(view, ranges):
+    """Sequence ranges (None for "*") as UID ranges; numbers past the end match nothing."""
+    out = []
+    for low, high in ordered_ranges(ranges, view.exists):
+        high = min(high, view.exists)
+        if 1 <= low <= high:
+            out.append((view.uid_of(low), view.uid_of(high)))
     return out
 
 
 def uid_ranges_for_uids(view, ranges):
     """UID ranges with "*" as the largest UID in use (RFC 3501 6.4.8)."""
-    largest = view.uids[-1] if view.uids else 0
-    out = []
-    for low, high in ranges:
-        low = largest if low is None else low
-        high = largest if high is None else high
-        if low > high:
-            low, high = high, low
-        out.append((low, high))
-    return out
+    return ordered_ranges(ranges, view.uids[-1] if view.uids else 0)
 
 
 def _uid_node_for_set(uids):

@@ -42,7 +42,7 @@ from leapmail.imap.parser import (
     parse_date_time,
     split_tag,
 )
-from leapmail.imap.search import BadCharset, parse_search, uid_ranges_for_uids
+from leapmail.imap.search import BadCharset, ordered_ranges, parse_search, uid_ranges_for_uids
 from leapmail.mail import flags as flaglib, names
 from leapmail.mail.errors import (
     CannotDeleteInbox,
@@ -443,6 +443,12 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self.view = None
         self.mailbox = None
 
+    @staticmethod
+    def _mailbox_argument(c):
+        """`` SP mailbox``: a mailbox name argument, as text."""
+        c.sp()
+        return decode_mailbox(c.astring("a mailbox name"))
+
     def _require_writable(self):
         if self.view.readonly:
             raise _No("The mailbox is read-only", code="READ-ONLY")
@@ -624,8 +630,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_NAMESPACE.states = ("auth", "select")
 
     async def cmd_SELECT(self, tag, c, readonly=False):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         qresync = None
         condstore = False
         if not c.at_end():
@@ -723,8 +728,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_CREATE.states = ("auth", "select")
 
     async def cmd_DELETE(self, tag, c):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         c.end()
         if self.view is not None and names.normalize(name) == self.view.info.name:
             # Deleting the selected mailbox closes it here first (as Dovecot does).
@@ -737,10 +741,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_DELETE.states = ("auth", "select")
 
     async def cmd_RENAME(self, tag, c):
-        c.sp()
-        old = decode_mailbox(c.astring("a mailbox name"))
-        c.sp()
-        new = decode_mailbox(c.astring("a mailbox name"))
+        old = self._mailbox_argument(c)
+        new = self._mailbox_argument(c)
         c.end()
         await self.account.rename(old, new)
         self._finish(tag, "OK", "Rename completed")
@@ -748,8 +750,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_RENAME.states = ("auth", "select")
 
     async def cmd_SUBSCRIBE(self, tag, c):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         c.end()
         await self.account.subscribe(name)
         self._finish(tag, "OK", "Subscribe completed")
@@ -757,8 +758,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_SUBSCRIBE.states = ("auth", "select")
 
     async def cmd_UNSUBSCRIBE(self, tag, c):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         c.end()
         await self.account.unsubscribe(name)
         self._finish(tag, "OK", "Unsubscribe completed")
@@ -847,8 +847,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     cmd_LSUB.states = ("auth", "select")
 
     async def cmd_STATUS(self, tag, c):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         c.sp()
         items = _status_items(c)
         c.end()
@@ -869,8 +868,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 + values + b")\r\n")
 
     async def cmd_APPEND(self, tag, c):
-        c.sp()
-        name = decode_mailbox(c.astring("a mailbox name"))
+        name = self._mailbox_argument(c)
         c.sp()
         flags = []
         date, zone = None, 0
@@ -964,17 +962,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
             for low, high in uid_ranges_for_uids(view, ranges):
                 out.update(view.uids_in_range(low, high))
             return sorted(out)
-        exists = view.exists
-        spans = []
-        for low, high in ranges:
-            low = exists if low is None else low
-            high = exists if high is None else high
-            if low > high:
-                low, high = high, low
-            if low < 1 or high > exists:
-                raise _Bad("Invalid message sequence number")
-            spans.append((low, high))
-        spans.sort()
+        spans = sorted(ordered_ranges(ranges, view.exists))
+        if spans and (spans[0][0] < 1 or max(high for _, high in spans) > view.exists):
+            raise _Bad("Invalid message sequence number")
         merged = []
         for low, high in spans:
             if merged and low <= merged[-1][1] + 1:
@@ -1182,8 +1172,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
     async def cmd_COPY(self, tag, c, uid=False, move=False):
         c.sp()
         ranges = c.sequence_set()
-        c.sp()
-        target = decode_mailbox(c.astring("a mailbox name"))
+        target = self._mailbox_argument(c)
         c.end()
         if move:
             self._require_writable()
