@@ -2,6 +2,7 @@
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from leapmail.mail import mime
@@ -300,4 +301,32 @@ async def test_50mb_attachment_imports_and_streams_back_exactly(account):
     # The file name is in the part's header: TEXT finds it, BODY does not (as Dovecot).
     assert await view.search(("text", "big.bin")) == [uid]
     assert await view.search(("body", "big.bin")) == []
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_flag_changes_and_expunges_let_other_writes_through(account):
+    from leapmail.mail.account import WRITE_BATCH
+
+    count = 2 * WRITE_BATCH + 500
+    _, uids = await account.append_many(
+        "INBOX", [(b"Subject: %d\r\n\r\nx\r\n" % i, (), None) for i in range(count)])
+    view = await account.select("INBOX")
+    order = []
+    store = defer.ensureDeferred(view.store_flags(uids, "add", ["\\Deleted"]))
+    store.addCallback(lambda result: order.append("store") or result)
+    other = account.create_mailbox("Elsewhere")
+    other = defer.ensureDeferred(other)
+    other.addCallback(lambda _: order.append("other"))
+    changed, refused = await store
+    await other
+    # The STORE went in batches: a write queued behind its first batch did not wait
+    # for all of it.
+    assert order == ["other", "store"]
+    assert len(changed) == count and refused == []
+    keep = set(uids[::3])
+    expunged = await view.expunge([u for u in uids if u not in keep])
+    assert expunged == [u for u in uids if u not in keep]
+    status = await account.status("INBOX")
+    assert status["messages"] == len(keep) and status["deleted"] == len(keep)
     view.close()

@@ -375,9 +375,9 @@ class Account:
         the UIDs refused by ``unchanged_since`` (CONDSTORE)."""
         given = flaglib.normalize(given)
 
-        def job(txn):
+        def job(txn, part):
             changed, refused = {}, []
-            for batch in _chunks(sorted(uids), 500):
+            for batch in _chunks(part, 500):
                 marks = ",".join("?" * len(batch))
                 rows = txn.execute(
                     f"SELECT flags_doc, uid, modseq FROM messages "
@@ -399,18 +399,26 @@ class Account:
                         "SELECT modseq FROM messages WHERE flags_doc = ?", (doc_id,)
                     ).fetchone()
                     changed[uid] = (tuple(new_flags), new_modseq)
-            return changed, sorted(refused)
+            return changed, refused
 
-        return await self.store.transact(job)
+        # One transaction per WRITE_BATCH messages: STORE 1:* on 100,000 messages must
+        # not hold the writer (and every other session's writes) for seconds.  A flag
+        # change is per message anyway (RFC 3501 does not make STORE atomic).
+        changed, refused = {}, []
+        for part in _chunks(sorted(uids), WRITE_BATCH):
+            done, no = await self.store.transact(job, part)
+            changed.update(done)
+            refused += no
+        return changed, sorted(refused)
 
     async def expunge(self, mailbox_id, uids=None):
         """Remove the \\Deleted messages (of ``uids`` if given); returns expunged UIDs."""
 
-        def job(txn):
+        def job(txn, after):
             rows = txn.execute(
                 "SELECT flags_doc, uid FROM messages WHERE mailbox = ? AND (sysflags & ?) != 0 "
-                "ORDER BY uid",
-                (mailbox_id, flaglib.DELETED),
+                "AND uid > ? ORDER BY uid LIMIT ?",
+                (mailbox_id, flaglib.DELETED, after, WRITE_BATCH),
             ).fetchall()
             wanted = None if uids is None else set(uids)
             done = []
@@ -418,9 +426,14 @@ class Account:
                 if wanted is None or uid in wanted:
                     _expunge_one(txn, doc_id)
                     done.append(uid)
-            return done
+            return done, (rows[-1][1] if len(rows) == WRITE_BATCH else None)
 
-        return await self.store.transact(job)
+        # In batches, like change_flags: each message's expunge stands on its own.
+        expunged, after = [], 0
+        while after is not None:
+            done, after = await self.store.transact(job, after)
+            expunged += done
+        return expunged
 
     async def copy(self, mailbox_id, uids, target_name, move=False):
         """Copy (or move) messages; returns ``(target uidvalidity, [(src_uid, dst_uid)])``.
@@ -476,6 +489,10 @@ def setup_mailboxes(txn, keyed):
             _put_mailbox(txn, name, role)
             if role:
                 _subscribe(txn, keyed, name)
+
+
+#: Messages changed per transaction by flag changes and expunges.
+WRITE_BATCH = 2000
 
 
 def _chunks(items, size):
