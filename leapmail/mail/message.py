@@ -244,6 +244,23 @@ def load_contents(queries, content_ids):
             for doc_id, doc in docs.items() if doc.kind == MESSAGE_KIND}
 
 
+def _whole(content, parts):
+    """The whole message from skeleton and preloaded inline parts (BODY[], the most
+    common read) without the offset bookkeeping; None if a part is not at hand."""
+    value = content._value
+    ids = value["parts"]
+    out = []
+    for segment in value["skeleton"]:
+        if isinstance(segment, bytes):
+            out.append(segment)
+            continue
+        part = parts.get(ids[segment])
+        if part is None or "data" not in part:
+            return None
+        out.append(part["data"])
+    return b"".join(out)
+
+
 #: Largest piece :func:`iter_range` reads at once.
 STREAM_CHUNK = blobs.CHUNK_SIZE
 
@@ -276,6 +293,10 @@ def load_parts(queries, contents, max_size):
 def read_range(queries, content, start, end, parts=None):
     """Bytes ``[start, end)`` of the original message, from skeleton and parts
     (``parts``: decoded part documents already at hand, by id)."""
+    if start == 0 and end == content.size and parts is not None:
+        whole = _whole(content, parts)
+        if whole is not None:
+            return whole
     out = []
     for offset, length, piece in content.segments(start):
         if offset + length <= start:
