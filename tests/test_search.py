@@ -203,3 +203,32 @@ async def test_text_indexing_resumes_after_restart(db_path, key):
     view.close()
     account.close()
     await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_indexing_keeps_up_with_a_stream_of_single_appends(account):
+    from leapmail.mail.textindex import BATCH
+
+    # A stream of single APPENDs never pauses: after BATCH of them indexing starts
+    # at once (checked as the APPEND returns, before any indexing job could finish).
+    for i in range(BATCH - 1):
+        await account.append("INBOX", b"Subject: single %d\r\n\r\nsingle text\r\n" % i)
+        assert not account.text_indexer.active
+    await account.append("INBOX", b"Subject: last\r\n\r\nsingle text\r\n")
+    assert account.text_indexer.active
+    view = await account.select("INBOX")
+    assert len(await view.search(("text", "single text"))) == BATCH
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_indexing_waits_for_a_bulk_import_to_pause(account):
+    from leapmail.mail.textindex import BATCH
+
+    await account.append_many(
+        "INBOX", [(b"Subject: bulk %d\r\n\r\nbulk text\r\n" % i, (), None)
+                  for i in range(2 * BATCH)])
+    assert not account.text_indexer.active
+    view = await account.select("INBOX")
+    assert len(await view.search(("body", "bulk text"))) == 2 * BATCH
+    view.close()

@@ -77,7 +77,7 @@ class Account:
         self._recent_floor = {}
         self._unsubscribe = store.subscribe(self._on_events)
         self.text_indexer = TextIndexer(store)
-        self.text_indexer.kick()  # resume what a previous run left queued
+        self.text_indexer.kick(added=0)  # resume what a previous run left queued
 
     def close(self):
         self._unsubscribe()
@@ -228,9 +228,16 @@ class Account:
 
         Returns ``(uidvalidity, [uid, ...])``.  All or nothing.
         """
+        name = names.normalize(mailbox)
+        self.text_indexer.bulk_imports += 1
+        try:
+            return await self._append_many(name, messages)
+        finally:
+            self.text_indexer.bulk_imports -= 1
+
+    async def _append_many(self, name, messages):
         from leapmail.mail.message import prepare, store_prepared
 
-        name = names.normalize(mailbox)
         prepared = await threads.deferToThread(
             lambda: [prepare(raw, self.keyed_id) for raw, _, _ in messages]
         )

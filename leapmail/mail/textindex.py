@@ -4,8 +4,9 @@ Putting a message's text into the trigram index costs more than everything else 
 import does (about 0.7 ms for 10 KB of text), so import only queues the content
 (``text_pending``) and this indexer works through the queue in batches of
 :data:`BATCH` messages: the text is extracted in a read job and only stored by the
-writer, so imports go on meanwhile.  It starts when imports pause, or after every
-:data:`BATCH` new contents when they do not.
+writer, so imports go on meanwhile.  It starts when imports pause, or — for a
+steady stream of single APPENDs, which never pauses — after every :data:`BATCH` new
+contents; bulk imports (``Account.append_many``) are left to finish first.
 Work left over from a previous run resumes when the account opens.  A search that
 involves text first finishes the queue (as Dovecot indexes at search time), so its
 answer is always complete.
@@ -114,14 +115,20 @@ class TextIndexer:
         self._running = None
         self._timer = None
         self._kicks = 0
+        #: Bulk imports under way (``Account.append_many``): they get the writer and
+        #: the CPU to themselves, and indexing waits for them to pause.
+        self.bulk_imports = 0
         self.closed = False
 
-    def kick(self):
-        """Make sure queued work gets done once imports pause; cheap to call often."""
+    def kick(self, added=1):
+        """Make sure queued work gets done once imports pause; cheap to call often.
+
+        ``added``: how many contents were queued (0 to resume a previous run's queue).
+        """
         if self.closed:
             return
-        self._kicks += 1
-        if self._kicks >= BATCH:
+        self._kicks += added
+        if self._kicks >= BATCH and not self.bulk_imports:
             # A steady stream of imports never pauses: index as it comes rather than
             # leaving it all to the first text search.
             self._start()
@@ -130,6 +137,11 @@ class TextIndexer:
             self._timer.reset(IDLE_DELAY)
         else:
             self._timer = self._reactor.callLater(IDLE_DELAY, self._start)
+
+    @property
+    def active(self):
+        """Whether a run through the queue is under way."""
+        return self._running is not None
 
     def _start(self):
         if self._running is None and not self.closed:
