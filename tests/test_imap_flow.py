@@ -35,3 +35,20 @@ async def test_pipelined_literal_plus_appends_beyond_the_read_ahead_bound(imap_s
     for i, body in enumerate(bodies):
         assert (b"* %d FETCH (UID %d RFC822.SIZE %d BODY[]<0> {12}\r\n%s)\r\n"
                 % (i + 1, i + 1, len(body), body[:12])) in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_size_is_the_sum_of_message_sizes(imap_server):
+    messages = [b"Subject: a\r\n\r\nshort\r\n", b"Subject: b\r\n\r\n" + b"y" * 5000 + b"\r\n"]
+
+    def client():
+        c = imap_server.raw()
+        for i, raw in enumerate(messages):
+            c.command(b"a%d" % i, b"APPEND Archive {%d+}\r\n" % len(raw) + raw)
+        lines = c.command(b"s", b"STATUS Archive (MESSAGES SIZE)")
+        c.close()
+        return lines
+
+    assert await in_thread(client) == [
+        b"* STATUS Archive (MESSAGES 2 SIZE %d)\r\n" % sum(map(len, messages)),
+        b"s OK Status completed\r\n"]

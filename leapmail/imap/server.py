@@ -230,7 +230,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         for name in (b"SASL-IR", b"LITERAL+", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE",
                      b"UIDPLUS", b"MOVE", b"UNSELECT", b"CHILDREN", b"SPECIAL-USE",
                      b"LIST-EXTENDED", b"LIST-STATUS", b"CONDSTORE", b"QRESYNC",
-                     b"ESEARCH"):
+                     b"ESEARCH", b"STATUS=SIZE"):
             caps[name] = None
         caps[b"APPENDLIMIT"] = [str(self.factory.appendlimit).encode()]
         return caps
