@@ -263,7 +263,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         tag = tag or b"*"
         if kind == "line":
             self._write(tag + b" BAD Command line too long\r\n")
-        elif command_name(unit) == b"APPEND":
+        elif command_name(unit) == b"APPEND" and self.state in ("auth", "select"):
             self._write(tag + b" NO [TOOBIG] Message of %d bytes is over the limit of %d "
                         b"bytes\r\n" % (size, self.factory.appendlimit))
         else:
