@@ -161,3 +161,51 @@ async def test_nothing_runs_after_logout(imap_server):
         return lines
 
     assert await in_thread(client) == [b"c OK LIST completed\r\n"]
+
+
+def _non_loopback_address():
+    """This host's address on its default route (any host that reached the network to
+    install the test's packages has one)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: it only picks a route
+        address = probe.getsockname()[0]
+    finally:
+        probe.close()
+    assert not address.startswith("127."), f"no non-loopback address here: {address}"
+    return address
+
+
+@pytest_twisted.ensureDeferred
+async def test_passwords_in_clear_only_on_loopback(tmp_path, account):
+    address = _non_loopback_address()
+    ensure_certificate(str(tmp_path))
+    factory = IMAPServerFactory(account, USER, PASSWORD, context_factory(str(tmp_path)))
+    listening = reactor.listenTCP(0, factory, interface=address)
+    port = listening.getHost().port
+
+    def client():
+        raw = socket.create_connection((address, port), timeout=20)
+        f = raw.makefile("rb")
+        greeting = f.readline()
+        assert b"LOGINDISABLED" in greeting and b"AUTH=PLAIN" not in greeting
+        raw.sendall(b"a LOGIN " + USER.encode() + b' "' + PASSWORD.encode() + b'"\r\n')
+        assert f.readline() == b"a NO [PRIVACYREQUIRED] Log in only after STARTTLS\r\n"
+        raw.sendall(b"b AUTHENTICATE PLAIN " + plain(USER.encode(), PASSWORD.encode())
+                    + b"\r\n")
+        assert f.readline() == b"b NO [PRIVACYREQUIRED] Authenticate only after STARTTLS\r\n"
+        raw.sendall(b"c STARTTLS\r\n")
+        assert f.readline() == b"c OK Begin TLS negotiation now\r\n"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tf = tls.makefile("rb")
+        tls.sendall(b"d LOGIN " + USER.encode() + b' "' + PASSWORD.encode() + b'"\r\n')
+        assert tf.readline().startswith(b"d OK [CAPABILITY IMAP4rev1 ")
+        tls.close()
+
+    try:
+        await in_thread(client)
+    finally:
+        await listening.stopListening()
