@@ -52,3 +52,25 @@ async def test_status_size_is_the_sum_of_message_sizes(imap_server):
     assert await in_thread(client) == [
         b"* STATUS Archive (MESSAGES 2 SIZE %d)\r\n" % sum(map(len, messages)),
         b"s OK Status completed\r\n"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_vanished_comes_before_fetches_numbered_after_it(imap_server):
+    def client():
+        a, b = imap_server.raw(), imap_server.raw()
+        for i in range(3):
+            a.command(b"p%d" % i, b"APPEND INBOX {15+}\r\nSubject: %d\r\n\r\nx" % i)
+        b.command(b"e", b"ENABLE QRESYNC")
+        b.command(b"s", b"SELECT INBOX")
+        a.command(b"s", b"SELECT INBOX")
+        a.command(b"d", b"UID STORE 2 +FLAGS.SILENT (\\Deleted)")
+        a.command(b"x", b"UID EXPUNGE 2")
+        a.command(b"f", b"UID STORE 3 +FLAGS.SILENT (\\Flagged)")
+        lines = b.command(b"n", b"NOOP")
+        a.close()
+        b.close()
+        return lines
+
+    lines = await in_thread(client)
+    assert [line.split(b" FLAGS")[0] for line in lines] == [
+        b"* 2 FETCH (UID 2", b"* VANISHED 2\r\n", b"* 2 FETCH (UID 3", b"n OK NOOP completed\r\n"]

@@ -426,6 +426,10 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 silenced = self._silenced_flags
                 if silenced is not None and silenced.get(update.uid) == update.modseq:
                     continue
+                if vanished:
+                    # Its sequence number counts the expunges before it: say them first.
+                    out.append(b"* VANISHED " + _compress(vanished) + b"\r\n")
+                    vanished = []
                 line = b"* %d FETCH (UID %d FLAGS %s" % (
                     update.seq, update.uid,
                     fetchlib.flag_list(update.flags, update.uid in view.recent))
