@@ -664,7 +664,11 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._enable_condstore(announce=False)
         mailbox = await self.account.select(name, rw=not readonly)
         view = mailbox.view
-        overview = await view.overview()
+        try:
+            overview = await view.overview()
+        except BaseException:
+            view.close()  # not ours yet: nobody else would release it
+            raise
         flags = list(SYSTEM_FLAGS) + overview["keywords"]
         out = [b"* FLAGS (" + " ".join(flags).encode("utf-8") + b")\r\n"]
         if readonly:
