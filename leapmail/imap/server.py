@@ -239,11 +239,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         """Passwords travel in clear only on loopback or inside TLS."""
         if self.startedTLS or interfaces.ISSLTransport(self.transport, None) is not None:
             return False
-        peer = self.transport.getPeer()
-        try:
-            return not ipaddress.ip_address(getattr(peer, "host", "")).is_loopback
-        except ValueError:
-            return False
+        return not self.factory.cleartext_allowed(getattr(self.transport.getPeer(), "host", ""))
 
     # -- reading commands ---------------------------------------------------------
 
@@ -1302,6 +1298,17 @@ def _compress(numbers):
     return b",".join(out)
 
 
+def is_loopback(host):
+    """Whether ``host`` (an IP address as text) is this machine's loopback."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # A dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
 class IMAPServerFactory(protocol.ServerFactory):
     """Serves one account's mail.  ``account`` may be set after construction (the
     daemon creates it once twistd has forked), but before listening starts."""
@@ -1309,8 +1316,10 @@ class IMAPServerFactory(protocol.ServerFactory):
     noisy = False  # "Starting factory ..." says nothing the listening line does not
 
     def __init__(self, account, username, password, context_factory=None,
-                 appendlimit=APPENDLIMIT):
+                 appendlimit=APPENDLIMIT, cleartext_allowed=None):
         self.account = account
+        #: Whether a peer (its address) may send a password outside TLS.
+        self.cleartext_allowed = cleartext_allowed or is_loopback
         self.context_factory = context_factory
         self.appendlimit = appendlimit
         self.portal = Portal(AccountRealm(self), [ClientPasswordChecker(username, password)])
