@@ -7,11 +7,25 @@ from imap_support import in_thread
 from leapmail.imap import server as imap_server_module
 
 
+class ObservedServer(imap_server_module.LeapIMAPServer):
+    """The real server, noting how much it ever held queued and whether it paused."""
+
+    most_queued = 0
+    paused = False
+
+    def _unit_read(self, unit):
+        super()._unit_read(unit)
+        ObservedServer.most_queued = max(ObservedServer.most_queued, self._queued_bytes)
+        ObservedServer.paused |= self._reader.paused
+
+
 @pytest_twisted.ensureDeferred
 async def test_pipelined_literal_plus_appends_beyond_the_read_ahead_bound(imap_server):
     # 40 APPENDs of 1 MiB each with LITERAL+ (no "+" to wait for) is 2.5 times the
     # read-ahead bound: reading must pause and resume.
     assert 40 * 2**20 > 2 * imap_server_module.MAX_QUEUED_BYTES
+    factory = imap_server.factory
+    factory.buildProtocol = lambda addr: ObservedServer(factory, factory.context_factory)
     bodies = [b"Subject: %d\r\n\r\n" % i + bytes([65 + i % 26]) * (2**20 - 20) for i in range(40)]
 
     def client():
@@ -35,6 +49,10 @@ async def test_pipelined_literal_plus_appends_beyond_the_read_ahead_bound(imap_s
     for i, body in enumerate(bodies):
         assert (b"* %d FETCH (UID %d RFC822.SIZE %d BODY[]<0> {12}\r\n%s)\r\n"
                 % (i + 1, i + 1, len(body), body[:12])) in out
+    # Reading paused, and the queue never held more than the bound plus the one
+    # command that crossed it.
+    assert ObservedServer.paused
+    assert ObservedServer.most_queued < imap_server_module.MAX_QUEUED_BYTES + 2**20
 
 
 @pytest_twisted.ensureDeferred

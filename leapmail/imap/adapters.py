@@ -18,6 +18,7 @@ from twisted.mail import interfaces as imapi
 from zope.interface import implementer
 
 from leapmail.imap.names import list_matcher
+from leapmail.imap.search import uid_ranges_for_seqs, uid_ranges_for_uids
 from leapmail.mail import names
 from leapmail.mail.errors import MailError
 from leapmail.mail.headers import split_fields
@@ -265,18 +266,16 @@ class IMAPMailbox:
         return [before.index(uid) + 1 for uid in expunged if uid in before]
 
     def _uids(self, messages, uid):
-        ranges = []
-        for low, high in messages.ranges:
-            ranges.append((low, high))
-        out = []
+        """The known UIDs a Twisted ``MessageSet`` names (None is its "*")."""
+        ranges = messages.ranges
         if uid:
-            for low, high in ranges:
-                out.extend(self.view.uids_in_range(low, high if high is not None else 2**32))
+            spans = uid_ranges_for_uids(self.view, ranges)
         else:
-            for low, high in ranges:
-                high = self.view.exists if high is None else min(high, self.view.exists)
-                out.extend(self.view.uids[low - 1:high])
-        return sorted(set(out))
+            spans = uid_ranges_for_seqs(self.view, ranges)
+        out = set()
+        for low, high in spans:
+            out.update(self.view.uids_in_range(low, high))
+        return sorted(out)
 
     @_deferred
     async def fetch(self, messages, uid):

@@ -189,42 +189,41 @@ def section_bytes_range(content, section, queries):
     return content.section_range(section.path, part)
 
 
-def render_message(queries, meta, content, seq, items, recent, condstore, uid_first=True,
-                   parts=None):
-    """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces."""
-    out = [b"* %d FETCH (" % seq]
-    preloaded = parts
-    parts = []
-    if uid_first or "UID" in items:
-        parts.append([b"UID %d" % meta.uid])
+#: Items answered from a message's metadata alone: name -> (meta, recent) -> bytes.
+_METADATA = {
+    "FLAGS": lambda meta, recent: b"FLAGS " + flag_list(meta.flags, recent),
+    "INTERNALDATE": lambda meta, recent: (b"INTERNALDATE "
+                                          + internal_date(meta.internal_date, meta.tz)),
+    "RFC822.SIZE": lambda meta, recent: b"RFC822.SIZE %d" % meta.size,
+    "MODSEQ": lambda meta, recent: b"MODSEQ (%d)" % meta.modseq,
+}
+
+
+def render_message(queries, meta, content, seq, items, recent, condstore, parts=None):
+    """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces.
+
+    UID always comes first (Thunderbird relies on it); ``content`` may be None when no
+    item needs it.
+    """
+    out = [b"* %d FETCH (UID %d" % (seq, meta.uid)]
     for item in items:
         if item == "UID":
             continue
-        if item == "FLAGS":
-            parts.append([b"FLAGS " + flag_list(meta.flags, recent)])
-        elif item == "INTERNALDATE":
-            parts.append([b"INTERNALDATE " + internal_date(meta.internal_date, meta.tz)])
-        elif item == "RFC822.SIZE":
-            parts.append([b"RFC822.SIZE %d" % meta.size])
-        elif item == "MODSEQ":
-            parts.append([b"MODSEQ (%d)" % meta.modseq])
+        out.append(b" ")
+        metadata = _METADATA.get(item)
+        if metadata is not None:
+            out.append(metadata(meta, recent))
         elif item == "ENVELOPE":
-            parts.append([b"ENVELOPE " + encode.encode_envelope(content.envelope)])
+            out.append(b"ENVELOPE " + encode.encode_envelope(content.envelope))
         elif item == "BODY":
-            parts.append([b"BODY " + encode.encode_bodystructure(content.bodystructure, False)])
+            out.append(b"BODY " + encode.encode_bodystructure(content.bodystructure, False))
         elif item == "BODYSTRUCTURE":
-            parts.append([b"BODYSTRUCTURE "
-                          + encode.encode_bodystructure(content.bodystructure, True)])
+            out.append(b"BODYSTRUCTURE "
+                       + encode.encode_bodystructure(content.bodystructure, True))
         else:
-            parts.append(_render_section(queries, content, item, preloaded))
+            out.extend(_render_section(queries, content, item, parts))
     if condstore and "FLAGS" in items and "MODSEQ" not in items:
-        parts.append([b"MODSEQ (%d)" % meta.modseq])
-    first = True
-    for piece in parts:
-        if not first:
-            out.append(b" ")
-        first = False
-        out.extend(piece)
+        out.append(b" MODSEQ (%d)" % meta.modseq)
     out.append(b")\r\n")
     return out
 
@@ -263,16 +262,15 @@ def wire_bytes(data):
 
 
 def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
-                 flags_changed=()):
+                 flags_changed=(), with_header=False):
     """Responses for a batch, in a reader thread: ``[[piece, ...], ...]``.
 
     Messages in ``flags_changed`` (\\Seen set by this FETCH) also report FLAGS, first,
-    as RFC 3501 6.4.5 asks and as Dovecot does.
+    as RFC 3501 6.4.5 asks and as Dovecot does.  ``with_header``: the items are
+    :func:`header_only` and ``metas`` carry the indexed header blocks.
     """
-    if not want_content:
-        return _render_metadata(metas, seqs, items, recent, condstore, flags_changed)
     responses = []
-    if want_content and header_only(items):
+    if want_content and with_header:
         # Headers come from the index; contents indexed before it kept them are loaded.
         contents = {m.content: m.header for m in metas if m.header is not None}
         missing = [m.content for m in metas if m.header is None]
@@ -293,30 +291,4 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
         responses.append(render_message(
             queries, meta, content, seq, with_flags if meta.uid in flags_changed else items,
             meta.uid in recent, condstore, parts=parts))
-    return responses
-
-
-def _render_metadata(metas, seqs, items, recent, condstore, flags_changed):
-    """The common metadata-only FETCH (UID FLAGS, sizes, dates): one bytes per message,
-    without the per-item machinery; the same output as :func:`render_message`."""
-    with_modseq = condstore and "FLAGS" in items and "MODSEQ" not in items
-    responses = []
-    for meta, seq in zip(metas, seqs):
-        its = items
-        if meta.uid in flags_changed and "FLAGS" not in items:
-            its = ["FLAGS"] + list(items)
-        parts = [b"* %d FETCH (UID %d" % (seq, meta.uid)]
-        for item in its:
-            if item == "FLAGS":
-                parts.append(b" FLAGS " + flag_list(meta.flags, meta.uid in recent))
-            elif item == "RFC822.SIZE":
-                parts.append(b" RFC822.SIZE %d" % meta.size)
-            elif item == "MODSEQ":
-                parts.append(b" MODSEQ (%d)" % meta.modseq)
-            elif item == "INTERNALDATE":
-                parts.append(b" INTERNALDATE " + internal_date(meta.internal_date, meta.tz))
-        if with_modseq:
-            parts.append(b" MODSEQ (%d)" % meta.modseq)
-        parts.append(b")\r\n")
-        responses.append([b"".join(parts)])
     return responses

@@ -58,14 +58,15 @@ def uid_ranges_for_uids(view, ranges):
     return ordered_ranges(ranges, view.uids[-1] if view.uids else 0)
 
 
-def _uid_node_for_set(uids):
-    ranges = []
-    for uid in sorted(uids):
-        if ranges and ranges[-1][1] == uid - 1:
-            ranges[-1][1] = uid
+def runs(numbers):
+    """Distinct numbers as ascending ``(low, high)`` runs: {1, 2, 3, 7} -> (1, 3), (7, 7)."""
+    out = []
+    for n in sorted(set(numbers)):
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
         else:
-            ranges.append([uid, uid])
-    return ("uid", [tuple(r) for r in ranges])
+            out.append([n, n])
+    return [(low, high) for low, high in out]
 
 
 class SearchParser:
@@ -151,7 +152,7 @@ class SearchParser:
             c.sp()
             return ("uid", uid_ranges_for_uids(self.view, c.sequence_set()))
         if upper in (b"RECENT", b"NEW", b"OLD"):
-            recent = _uid_node_for_set(self.view.recent)
+            recent = ("uid", runs(self.view.recent))
             if upper == b"RECENT":
                 return recent
             if upper == b"OLD":

@@ -42,7 +42,13 @@ from leapmail.imap.parser import (
     parse_date_time,
     split_tag,
 )
-from leapmail.imap.search import BadCharset, ordered_ranges, parse_search, uid_ranges_for_uids
+from leapmail.imap.search import (
+    BadCharset,
+    ordered_ranges,
+    parse_search,
+    runs,
+    uid_ranges_for_uids,
+)
 from leapmail.mail import flags as flaglib, names
 from leapmail.mail.errors import (
     CannotDeleteInbox,
@@ -145,7 +151,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self.factory = factory
         self.portal = factory.portal
         self.view = None
-        self.mailbox = None
         self.condstore = False
         self.qresync = False
         self._queue = deque()
@@ -157,7 +162,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self._write_paused = None
         self._closed = False
         self._reader = None
-        self._silenced_flags = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -391,7 +395,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
     # -- news from other sessions -------------------------------------------------
 
-    def _send_updates(self, expunges=True):
+    def _send_updates(self, expunges=True, silenced=None):
+        """Report what changed elsewhere; ``silenced`` maps UIDs to the MODSEQ of flag
+        changes this session made with .SILENT, which are not echoed."""
         view = self.view
         if view is None or self._closed:
             return
@@ -419,7 +425,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 out.append(b"* %d EXISTS\r\n" % update.count)
                 out.append(b"* %d RECENT\r\n" % len(view.recent))
             elif update.kind == "flags":
-                silenced = self._silenced_flags
                 if silenced is not None and silenced.get(update.uid) == update.modseq:
                     continue
                 if vanished:
@@ -441,7 +446,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self.view.on_change = None
             self.view.close()
         self.view = None
-        self.mailbox = None
 
     @staticmethod
     def _mailbox_argument(c):
@@ -658,8 +662,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._write(b"* OK [CLOSED] Previous mailbox closed\r\n")
         if condstore:
             self._enable_condstore(announce=False)
-        mailbox = await self.account.select(name, rw=not readonly)
-        view = mailbox.view
+        view = (await self.account.select(name, rw=not readonly)).view
         try:
             overview = await view.overview()
         except BaseException:
@@ -684,7 +687,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
         out.append(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % max(1, view.highestmodseq))
         self._write(b"".join(out))
         self.view = view
-        self.mailbox = mailbox
         self.state = "select"
         if qresync is not None and qresync[0] == view.info.uidvalidity:
             await self._qresync(view, *qresync[1:])
@@ -711,7 +713,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._write(b"* VANISHED (EARLIER) " + _compress(vanished) + b"\r\n")
         uids = await view.search(("modseq", modseq + 1))
         uids = [u for u in uids if view.seq_of(u) is not None]
-        await self._fetch_uids(view, uids, ["UID", "FLAGS", "MODSEQ"], uid_mode=True)
+        await self._fetch_uids(view, uids, ["UID", "FLAGS", "MODSEQ"])
 
     def cmd_CREATE(self, tag, c):
         c.sp()
@@ -962,8 +964,11 @@ class LeapIMAPServer(imap4.IMAP4Server):
         """The known UIDs a sequence set names, ascending, without expanding ranges."""
         view = self.view
         if uid:
+            spans = uid_ranges_for_uids(view, ranges)
+            if len(spans) == 1:
+                return view.uids_in_range(*spans[0])  # 1:*, the usual: already in order
             out = set()
-            for low, high in uid_ranges_for_uids(view, ranges):
+            for low, high in spans:
                 out.update(view.uids_in_range(low, high))
             return sorted(out)
         spans = sorted(ordered_ranges(ranges, view.exists))
@@ -1022,12 +1027,12 @@ class LeapIMAPServer(imap4.IMAP4Server):
             uids = [u for u in uids if u in changed]
             if "MODSEQ" not in items:
                 items = items + ["MODSEQ"]
-        await self._fetch_uids(view, uids, items, uid_mode=uid)
+        await self._fetch_uids(view, uids, items)
         self._finish(tag, "OK", "Fetch completed", expunges=uid)
 
     cmd_FETCH.takes_uid = True
 
-    async def _fetch_uids(self, view, uids, items, uid_mode):
+    async def _fetch_uids(self, view, uids, items):
         store = view.account.store
         mailbox_id = view.info.id
         # RFC 7162 3.1: once CONDSTORE is on, FETCH responses with FLAGS carry MODSEQ.
@@ -1042,20 +1047,20 @@ class LeapIMAPServer(imap4.IMAP4Server):
                     view.forget_flag_changes({u: m for u, (_f, m) in changed.items()})
                     newly_seen.update(changed)
         want_content = fetchlib.needs_content(items)
+        with_header = fetchlib.header_only(items)
         recent = set(view.recent)
         seq_of = view.seq_of
-
-        with_header = fetchlib.header_only(items)
 
         def job(queries, batch):
             metas = read_meta(queries, mailbox_id, batch, with_header)
             return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
-                                         recent, condstore, want_content, newly_seen)
+                                         recent, condstore, want_content, newly_seen,
+                                         with_header)
 
         # Two batches in flight, so both reader threads work (SQLCipher decrypts
         # without holding the GIL) while we write.  Message bodies come in smaller
         # batches: each is more work, and a short first batch starts the output sooner.
-        size = FETCH_BATCH if fetchlib.header_only(items) or not want_content else 50
+        size = FETCH_BATCH if with_header or not want_content else 50
         batches = [uids[i:i + size] for i in range(0, len(uids), size)]
         pending = deque(store.read(job, batch) for batch in batches[:2])
         following = 2
@@ -1116,15 +1121,13 @@ class LeapIMAPServer(imap4.IMAP4Server):
         view = self.view
         uids = self._resolve(ranges, uid)
         changed, refused = await view.store_flags(uids, modes[base], flags, unchanged_since)
+        silenced = None
         if silent and unchanged_since is None:
             # Our own changes are not echoed; changes made elsewhere still are.  A
             # conditional STORE reports them even when silent (RFC 7162 3.1.3), as the
             # client needs the new MODSEQs.
-            self._silenced_flags = {u: m for u, (_f, m) in changed.items()}
-        try:
-            self._send_updates(expunges=uid)
-        finally:
-            self._silenced_flags = None
+            silenced = {u: m for u, (_f, m) in changed.items()}
+        self._send_updates(expunges=uid, silenced=silenced)
         code = None
         if refused:
             if uid:
@@ -1146,8 +1149,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         found = [u for u in await view.search(node) if view.seq_of(u) is not None]
         highest = None
         if uses_modseq and found:
-            metas = await view.meta(found)
-            highest = max(m.modseq for m in metas)
+            highest = await view.highest_modseq(found)
         numbers = found if uid else [view.seq_of(u) for u in found]
         if options is None:
             line = b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
@@ -1280,22 +1282,9 @@ def _qresync_params(c):
 
 
 def _compress(numbers):
-    """Ascending numbers as a compact sequence set: 1:3,7,9:10."""
-    out = []
-    start = prev = None
-    for n in sorted(numbers):
-        if start is None:
-            start = prev = n
-        elif n == prev + 1:
-            prev = n
-        elif n == prev:
-            continue
-        else:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-            start = prev = n
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-    return b",".join(out)
+    """Numbers as a compact sequence set: 1:3,7,9:10."""
+    return b",".join(b"%d" % low if low == high else b"%d:%d" % (low, high)
+                     for low, high in runs(numbers))
 
 
 def is_loopback(host):
@@ -1326,6 +1315,4 @@ class IMAPServerFactory(protocol.ServerFactory):
         self.throttle = Throttle()
 
     def buildProtocol(self, addr):
-        p = LeapIMAPServer(self, self.context_factory)
-        p.factory = self
-        return p
+        return LeapIMAPServer(self, self.context_factory)

@@ -153,6 +153,10 @@ class MailboxView:
         """Per-message metadata for known ``uids`` (ascending), one query per 500."""
         return await self.account.store.read(read_meta, self.info.id, uids)
 
+    async def highest_modseq(self, uids):
+        """The highest MODSEQ among ``uids`` (what SEARCH MODSEQ reports), in SQL."""
+        return await self.account.store.read(_highest_modseq, self.info.id, uids)
+
     def forget_flag_changes(self, changed):
         """Drop pending flag news this session has already told its client about.
 
@@ -239,6 +243,18 @@ def read_meta(queries, mailbox, uids, with_header=False):
                     else _SYSTEM[row[1] & 31] + tuple(join_flags(0, row[2])), *row[3:])
         for row in result
     ]
+
+
+def _highest_modseq(queries, mailbox, uids):
+    highest = 0
+    for start in range(0, len(uids), 500):
+        batch = uids[start:start + 500]
+        marks = ",".join("?" * len(batch))
+        (value,) = queries.execute(
+            f"SELECT max(modseq) FROM messages WHERE mailbox = ? AND uid IN ({marks})",
+            (mailbox, *batch)).fetchone()
+        highest = max(highest, value or 0)
+    return highest
 
 
 def _overview(queries, mailbox):
