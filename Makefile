@@ -7,8 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs: Dovecot, the reference for differential tests;
-# isync (mbsync) and offlineimap3, real sync clients run against the IMAP server.
-TEST_DEBS := dovecot-imapd isync offlineimap3
+# isync (mbsync) and offlineimap3, real sync clients run against the IMAP server;
+# PostgreSQL, the provider's second storage (tests start throw-away clusters of it).
+TEST_DEBS := dovecot-imapd isync offlineimap3 postgresql
 RUN_HOME ?= .run/demo
 RUN_PASSPHRASE ?= leapmail-demo
 RUN_IMAP_PORT ?= 1984

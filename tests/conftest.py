@@ -58,3 +58,5 @@ async def account(db_path, key):
 
 # The in-process IMAP server fixture, for every test module (tests/imap_support.py).
 from imap_support import imap_server  # noqa: E402,F401
+# A throw-away PostgreSQL cluster for the provider's storage (tests/postgres_server.py).
+from postgres_server import postgres_server  # noqa: E402,F401
