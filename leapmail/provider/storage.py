@@ -319,6 +319,10 @@ class SQLStorage:
             self._local.conn = conn
         return conn
 
+    def release(self):
+        """Close the calling thread's connection, if it has one."""
+        self._drop_connection()
+
     def _drop_connection(self):
         conn = self._local.__dict__.pop("conn", None)
         if conn is None:
@@ -593,6 +597,9 @@ def open_storage(home, database=None):
         raise StorageError("--database must be a postgresql:// URL or sqlite:PATH")
     try:
         storage.create_schema()
+        # The calling thread (the main one, perhaps about to fork into a daemon) keeps
+        # no connection; the threads that serve open their own.
+        storage.release()
     except BaseException:
         storage.close()
         raise

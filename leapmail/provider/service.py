@@ -1,0 +1,222 @@
+"""The provider as a twistd service::
+
+    twistd -n leapmail-provider --home DIR --port P [--listen ADDR] [--database URL]
+                                [--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]
+
+Serves the sync API (:mod:`leapmail.provider.api`) over HTTPS on ``ADDR:P``
+(127.0.0.1 unless told otherwise) and logs ``Provider listening on HOST:PORT`` once
+it listens.  The certificate is ``DIR/tls-cert.pem`` (key ``DIR/tls-key.pem``), made
+self-signed for ``localhost`` and ``127.0.0.1`` on first start, unless
+``--tls-cert``/``--tls-key`` name a pair of your own.
+
+Storage: SQLite in ``DIR/provider.db`` by default, or PostgreSQL
+(``--database postgresql://USER:PASSWORD@HOST/DB``), which any number of front ends
+can share; the URL's password never reaches the log.
+"""
+
+import os
+import re
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from leapmail.errors import LeapmailError
+
+DEFAULT_PORT = 4430
+DEFAULT_LISTEN = "127.0.0.1"
+#: Threads for storage calls: each has its own database connection.
+THREADS = 8
+
+
+class StartError(LeapmailError):
+    """The provider cannot start; the message is the whole story, for one line."""
+
+
+def parse_port(value):
+    text = str(value)
+    if re.fullmatch(r"[0-9]{1,5}", text) and int(text) <= 65535:
+        return int(text)
+    raise usage.UsageError(f"--port must be a port number from 0 to 65535, not {text!r}")
+
+
+def parse_address(value):
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise usage.UsageError(
+            f"--listen must be an IP address such as 127.0.0.1 or ::1, not {value!r}"
+        ) from None
+
+
+def parse_lifetime(value):
+    text = str(value)
+    if re.fullmatch(r"[0-9]{1,10}", text):
+        return int(text)
+    raise usage.UsageError(f"--token-lifetime must be a number of seconds, not {text!r}")
+
+
+def host_port(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Options(usage.Options):
+    synopsis = ("--home DIR [--port PORT] [--listen ADDRESS] [--database URL] "
+                "[--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]")
+    longdesc = (
+        "Run a leapmail provider's sync endpoint (HTTPS) for the accounts in DIR. "
+        "A port of 0 takes any free port; the log says which "
+        "(\"Provider listening on HOST:PORT\")."
+    )
+    optParameters = [
+        ["home", None, None, "the provider's directory (secret, certificate, SQLite database)"],
+        ["port", None, str(DEFAULT_PORT), "HTTPS port (0: any free port)"],
+        ["listen", None, DEFAULT_LISTEN, "IP address to listen on"],
+        ["database", None, None,
+         "postgresql://USER:PASSWORD@HOST[:PORT]/DB (default: SQLite in DIR/provider.db)"],
+        ["tls-cert", None, None, "certificate (PEM) to serve instead of DIR/tls-cert.pem"],
+        ["tls-key", None, None, "its private key (PEM)"],
+        ["token-lifetime", None, "2592000", "seconds a device token is good for (30 days)"],
+    ]
+
+    def postOptions(self):
+        if not self["home"]:
+            raise usage.UsageError("--home DIR is required")
+        self["port"] = parse_port(self["port"])
+        self["listen"] = parse_address(self["listen"])
+        self["token-lifetime"] = parse_lifetime(self["token-lifetime"])
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+
+
+def prepare_home(path):
+    """Create the provider's directory (0700) if it does not exist."""
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise StartError(f"cannot create {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise StartError(f"{path} is not a directory")
+    return path
+
+
+def tls_options(home, cert=None, key=None):
+    """Server TLS options: the given pair, else the home's (made on first start)."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    from leapmail.tls import TLSError, _load_pair, context_factory
+
+    if cert is None:
+        return context_factory(home)
+    cert_obj, key_obj = _load_pair(cert, key)
+    try:
+        options = ssl.CertificateOptions(privateKey=key_obj, certificate=cert_obj)
+        options.getContext()
+    except SSL.Error as e:
+        raise TLSError(f"OpenSSL cannot use {cert} with {key}: {e}") from None
+    return options
+
+
+class ProviderService(service.Service):
+    """The thread pool, the API and the HTTPS listener, started and stopped in order."""
+
+    log = Logger()
+
+    def __init__(self, storage, secret, interface, port, tls, token_lifetime,
+                 reactor=None, threads=THREADS):
+        self.storage = storage
+        self.secret = secret
+        self.interface = interface
+        self.requested_port = port
+        self.tls = tls
+        self.token_lifetime = token_lifetime
+        self._reactor = reactor
+        self._threads = threads
+        self.threadpool = None
+        self.api = None
+        self.port = None
+
+    def startService(self):
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        from leapmail.provider.api import ProviderAPI
+
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=self._threads,
+                                     name="leapmail-provider")
+        self.threadpool.start()
+        self.api = ProviderAPI(self.storage, self.threadpool, self.secret,
+                               token_lifetime=self.token_lifetime, reactor=reactor)
+        self.api.start()
+        where = host_port(self.interface, self.requested_port)
+        try:
+            self.port = reactor.listenSSL(self.requested_port, self.api.site(), self.tls,
+                                          interface=self.interface)
+        except CannotListenError as e:
+            self._shutdown()
+            message = f"cannot listen on {where}: {_reason(e)}"
+            self.log.error("{message}", message=message)
+            raise StartError(message) from None
+        service.Service.startService(self)
+        bound = self.port.getHost()
+        self.log.info("Provider listening on {address}",
+                      address=host_port(bound.host, bound.port))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        self._shutdown()
+
+    def _shutdown(self):
+        if self.api is not None:
+            self.api.stop()
+        if self.threadpool is not None:
+            pool, self.threadpool = self.threadpool, None
+            pool.stop()
+        self.storage.close()
+
+
+def _reason(error):
+    cause = getattr(error, "socketError", None)
+    text = getattr(cause, "strerror", None) or str(cause or error)
+    return text[:1].lower() + text[1:]
+
+
+def _print_start_errors(previous):
+    def hook(kind, value, tb):
+        if isinstance(value, StartError):
+            print(f"leapmail-provider: {value}", file=sys.__stderr__, flush=True)
+            return
+        previous(kind, value, tb)
+
+    return hook
+
+
+def makeService(options):
+    from leapmail.provider.api import load_secret
+    from leapmail.provider.storage import open_storage
+
+    try:
+        home = prepare_home(options["home"])
+        secret = load_secret(home)
+        tls = tls_options(home, options["tls-cert"], options["tls-key"])
+        storage = open_storage(home, options["database"])
+    except LeapmailError as e:
+        raise SystemExit(f"leapmail-provider: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"leapmail-provider: {e.strerror}: {e.filename}") from None
+    Logger().info("provider storage: {where}", where=storage.describe())
+    sys.excepthook = _print_start_errors(sys.excepthook)
+    return ProviderService(storage, secret, options["listen"], options["port"], tls,
+                           options["token-lifetime"])
