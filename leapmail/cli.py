@@ -14,9 +14,80 @@ from leapmail.passphrase import NEW_ENV, read_passphrase
 
 def _init(args):
     home = Home(args.home)
-    passphrase = read_passphrase("New passphrase: ", confirm=True)
-    home.create(passphrase, args.address)
-    print(f"created the account {args.address} in {home.path}")
+    if args.provider is None:
+        if args.enroll or args.provider_ca:
+            raise LeapmailError("--enroll and --provider-ca need --provider URL")
+        passphrase = read_passphrase("New passphrase: ", confirm=True)
+        home.create(passphrase, args.address)
+        print(f"created the account {args.address} in {home.path}")
+        return
+    from leapmail import enrollment
+
+    ca_pem = enrollment.read_ca(args.provider_ca)
+    if args.enroll:
+        passphrase = read_passphrase("New passphrase: ", confirm=True)
+        _run(lambda reactor: enrollment.enroll(
+            home, passphrase, args.address, args.provider, ca_pem, args.enroll, reactor))
+        print(f"created the account {args.address} in {home.path} and enrolled it "
+              f"at {args.provider}")
+    else:
+        passphrase = read_passphrase("Passphrase: ")
+        _run(lambda reactor: enrollment.join(
+            home, passphrase, args.address, args.provider, ca_pem, reactor))
+        print(f"joined the account {args.address} from {args.provider} in {home.path}; "
+              "the daemon fetches its mail")
+
+
+def _run(make):
+    """Run the coroutine ``make(reactor)`` on the reactor; return or raise its result."""
+    from twisted.internet import defer, reactor
+    from twisted.python.failure import Failure
+
+    outcome = []
+
+    def start():
+        d = defer.ensureDeferred(make(reactor))
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    if not outcome:
+        raise KeyboardInterrupt
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def _status(args):
+    import json
+    import os
+
+    from leapmail.sync.service import STATUS_NAME
+
+    home = Home(args.home)
+    address = home.address()
+    provider = home.provider()
+    print(f"account:   {address}")
+    if provider is None:
+        print("provider:  none (this account is local to this machine)")
+        return
+    print(f"provider:  {provider[0]}")
+    path = os.path.join(home.path, STATUS_NAME)
+    try:
+        with open(path, "rb") as f:
+            status = json.load(f)
+    except FileNotFoundError:
+        print("sync:      never ran (start the daemon)")
+        return
+    except ValueError:
+        raise LeapmailError(f"{path} is damaged; the daemon rewrites it when it runs") from None
+    print(f"sync:      {status.get('state')} (as of {status.get('written')})")
+    print(f"last pull: {status.get('last_pull') or 'never'}")
+    print(f"last push: {status.get('last_push') or 'never'}")
+    print(f"pending:   {status.get('pending', '?')} local changes to push")
+    if status.get("error"):
+        print(f"error:     {status['error']} (since {status.get('error_since')})")
 
 
 def _passwd(args):
@@ -68,7 +139,17 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("init", parents=[common], help="create an account")
     p.add_argument("--address", required=True, help="the account's mail address")
+    p.add_argument("--provider", metavar="URL",
+                   help="the provider to sync with (https://HOST:PORT); without --enroll, "
+                   "join an account that exists there")
+    p.add_argument("--provider-ca", metavar="FILE",
+                   help="the provider's certificate (PEM) to trust, e.g. its self-signed one")
+    p.add_argument("--enroll", metavar="CODE",
+                   help="claim a new account at the provider with its enrollment code")
     p.set_defaults(run=_init)
+    p = commands.add_parser("status", parents=[common],
+                            help="show the account's sync state")
+    p.set_defaults(run=_status)
     p = commands.add_parser("passwd", parents=[common],
                             help=f"change the passphrase (new one from ${NEW_ENV} or a prompt)")
     p.set_defaults(run=_passwd)

@@ -3,7 +3,9 @@
 Layout (``init`` creates the directory 0700 and every file in it 0600)::
 
     secrets.json    the secrets bundle, sealed under the passphrase
-    config.json     non-secret settings (the account address)
+    config.json     non-secret settings (the account address; the provider's URL)
+    provider-ca.pem the provider's certificate, pinned at init (if one was given)
+    sync-status.json  what the sync loop last did (see leapmail.sync.service)
     store.db        the SQLCipher store, keyed with the bundle's storage key
     store.db-wal, store.db-shm, store.db.lock   SQLite's WAL files and our lock
     tls-cert.pem, tls-key.pem   the daemon's TLS certificate (see leapmail.tls)
@@ -20,9 +22,10 @@ from leapmail.fsutil import atomic_write
 from leapmail.mail.account import keyed_id, setup_mailboxes
 from leapmail.mail.schema import MAIL
 from leapmail.store import Database, Store
+from leapmail.sync.schema import SYNC
 
 #: The schema components of an account's store.
-COMPONENTS = (MAIL,)
+COMPONENTS = (MAIL, SYNC)
 
 
 class HomeError(LeapmailError):
@@ -70,6 +73,50 @@ class Home:
         finally:
             database.close()
         return bundle
+
+    def check_new(self):
+        """Refuse to set an account up where one (or a part of one) already is."""
+        for path in (self.secrets_path, self.store_path):
+            if os.path.exists(path):
+                raise HomeError(f"{path} exists: {self.path} already holds an account; "
+                                "nothing was changed")
+
+    def write_config(self, config):
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        atomic_write(self.config_path, _json(config))
+
+    def create_store(self, bundle, sealed, setup=True):
+        """Write the sealed bundle and a new store; returns the open :class:`Database`.
+
+        ``setup=False`` leaves the mailboxes out: a device joining an account gets them
+        from the provider.
+        """
+        atomic_write(self.secrets_path, sealed)
+        database = Database.open(self.store_path, bundle.storage_key, COMPONENTS, create=True)
+        if setup:
+            try:
+                database.run(setup_mailboxes, functools.partial(keyed_id, bundle.id_key))
+            except BaseException:
+                database.close()
+                raise
+        return database
+
+    def provider(self):
+        """``(url, ca_pem or None)`` of the account's provider, or ``None`` if local-only."""
+        config = self.config()
+        url = config.get("provider") if isinstance(config, dict) else None
+        if not url:
+            return None
+        ca = config.get("provider_ca")
+        if not ca:
+            return url, None
+        path = os.path.join(self.path, ca)
+        try:
+            with open(path, "rb") as f:
+                return url, f.read()
+        except OSError as e:
+            raise HomeError(f"cannot read the provider certificate {path}: {e.strerror}"
+                            ) from None
 
     def config(self):
         try:

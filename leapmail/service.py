@@ -321,6 +321,7 @@ def makeService(options):
 
         bundle = home.unlock(read_passphrase())
         username = home.address()
+        provider = home.provider()
         # Validate, lock and migrate now, so a bad file is reported before daemonizing.
         database = home.open_database(bundle)
         try:
@@ -337,6 +338,14 @@ def makeService(options):
     top = DaemonService(smtp_port=options["smtp-port"])
     store_service = StoreService(database, bundle.id_key)
     store_service.setServiceParent(top)
+    if provider is not None:
+        from leapmail.crypto.wire import WireKeys
+        from leapmail.sync.service import SyncService
+
+        # Between the store and IMAP: started after the store opens, stopped before
+        # it closes (children stop in reverse order).
+        SyncService(store_service, WireKeys(bundle.storage_key), username, provider[0],
+                    provider[1], home.path).setServiceParent(top)
     IMAPService(
         store_service, options["listen"], options["imap-port"], username,
         bundle.client_password, context_factory=tls,

@@ -81,3 +81,17 @@ def derive(passphrase, params, length=32):
     return Scrypt(salt=params.salt, length=length, n=params.n, r=params.r, p=params.p).derive(
         normalize_passphrase(passphrase)
     )
+
+
+def derive_login_key(passphrase, params):
+    """The key a device logs in to its provider with.
+
+    scrypt under its own salt (not the bundle's), then HKDF with its own label: the
+    provider, which sees this key at every login and stores its SHA-256, learns nothing
+    that opens the secrets bundle.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"leapmail provider login v1").derive(derive(passphrase, params))

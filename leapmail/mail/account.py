@@ -14,6 +14,7 @@ from hashlib import sha256
 from twisted.internet import threads
 
 from leapmail.mail import codec, flags as flaglib, names
+from leapmail.mail.clock import CLOCK
 from leapmail.mail.errors import (
     CannotDeleteInbox,
     InvalidMailboxName,
@@ -61,8 +62,17 @@ def _new_id(prefix):
     return f"{prefix}-{os.urandom(16).hex()}"
 
 
-def _put_mailbox(txn, name, role=None, doc_id=None):
-    doc_id = doc_id or _new_id("mbx")
+def _put_mailbox(txn, keyed, name, role=None):
+    """Create a mailbox document.
+
+    Its id is keyed by the name, so that two devices creating the same name while
+    apart make one mailbox when they meet, not two fighting over the name; a name
+    whose id is taken by a mailbox renamed since gets a random id.
+    """
+    doc_id = "mbx-" + keyed("mailbox", name.encode("utf-8"))
+    existing = txn.get(doc_id, include_deleted=True)
+    if existing is not None and not existing.deleted:
+        doc_id = _new_id("mbx")
     txn.put(doc_id, MAILBOX_KIND, codec.dumps({"name": name, "role": role}), expected_rev=0)
     return doc_id
 
@@ -114,8 +124,8 @@ class Account:
                 raise MailboxExists(name)
             for parent in names.parents(name):
                 if _find(txn, parent) is None:
-                    _put_mailbox(txn, parent)
-            _put_mailbox(txn, name, role)
+                    _put_mailbox(txn, self.keyed_id, parent)
+            _put_mailbox(txn, self.keyed_id, name, role)
             return _find(txn, name)
 
         return await self.store.transact(job)
@@ -152,13 +162,12 @@ class Account:
                 # and leaves INBOX, and the mailboxes below it, where they are.
                 for parent in names.parents(new):
                     if _find(txn, parent) is None:
-                        _put_mailbox(txn, parent)
-                target = _put_mailbox(txn, new)
+                        _put_mailbox(txn, self.keyed_id, parent)
+                target = _put_mailbox(txn, self.keyed_id, new)
                 for (doc_id,) in txn.execute(
                     "SELECT flags_doc FROM messages WHERE mailbox = ? ORDER BY uid", (source.id,)
                 ).fetchall():
-                    _copy_one(txn, doc_id, target)
-                    _expunge_one(txn, doc_id)
+                    _expunge_one(txn, doc_id, moved_to=_copy_one(txn, doc_id, target))
                 return
             inferiors = txn.execute(
                 "SELECT doc_id, name, role FROM mailboxes WHERE substr(name, 1, ?) = ?",
@@ -168,13 +177,15 @@ class Account:
                 raise NoSuchMailbox(old)
             for parent in names.parents(new):
                 if _find(txn, parent) is None:
-                    _put_mailbox(txn, parent)
+                    _put_mailbox(txn, self.keyed_id, parent)
             moves = ([(source.id, source.name, source.role)] if source else []) + inferiors
+            stamp = CLOCK.now()
             for doc_id, name, role in moves:
                 doc = txn.get(doc_id)
-                txn.put(doc_id, MAILBOX_KIND,
-                        codec.dumps({"name": new + name[len(old):], "role": role}),
-                        expected_rev=doc.rev)
+                value = codec.loads(doc.content)
+                value["name"] = new + name[len(old):]
+                value["hlc"] = dict(value.get("hlc", {}), name=stamp)
+                txn.put(doc_id, MAILBOX_KIND, codec.dumps(value), expected_rev=doc.rev)
             for (sub,) in txn.execute("SELECT name FROM subscriptions").fetchall():
                 if sub == old or names.is_inferior(sub, old):
                     self._unsubscribe_name(txn, sub)
@@ -383,6 +394,7 @@ class Account:
         given = flaglib.normalize(given)
 
         def job(txn, part):
+            stamp = CLOCK.now()
             changed, refused = {}, []
             for batch in _chunks(part, 500):
                 marks = ",".join("?" * len(batch))
@@ -400,6 +412,13 @@ class Account:
                     new_flags = flaglib.apply(data["flags"], mode, given)
                     if new_flags == data["flags"]:
                         continue
+                    before = {f.lower() for f in data["flags"]}
+                    after = {f.lower() for f in new_flags}
+                    # Each flag added or removed is stamped, so that a device merging
+                    # this with its own change keeps the later one per flag.
+                    stamps = data.setdefault("hlc", {})
+                    for key in before ^ after:
+                        stamps[key] = stamp
                     data["flags"] = new_flags
                     txn.put(doc_id, FLAGS_KIND, codec.dumps(data), expected_rev=doc.rev)
                     (new_modseq,) = txn.execute(
@@ -466,7 +485,7 @@ class Account:
                     ).fetchone()
                     pairs.append((uid, new_uid))
                     if move:
-                        _expunge_one(txn, doc_id)
+                        _expunge_one(txn, doc_id, moved_to=new_doc)
             return target.uidvalidity, pairs
 
         return await self.store.transact(job)
@@ -493,7 +512,7 @@ def setup_mailboxes(txn, keyed):
     wanted = [(names.INBOX, None)] + list(names.SPECIAL_USE.items())
     for name, role in wanted:
         if _find(txn, name) is None:
-            _put_mailbox(txn, name, role)
+            _put_mailbox(txn, keyed, name, role)
             if role:
                 _subscribe(txn, keyed, name)
 
@@ -515,10 +534,14 @@ def _copy_one(txn, flags_doc, target_mailbox):
     return new_doc
 
 
-def _expunge_one(txn, flags_doc):
-    """Tombstone a flags document, and the content nothing references any more."""
+def _expunge_one(txn, flags_doc, moved_to=None):
+    """Tombstone a flags document, and the content nothing references any more.
+
+    A move names the copy it made in the tombstone, so that a flag change another
+    device made meanwhile can follow the message (:mod:`leapmail.mail.merge`).
+    """
     row = txn.execute("SELECT content FROM messages WHERE flags_doc = ?", (flags_doc,)).fetchone()
-    txn.delete(flags_doc)
+    txn.delete(flags_doc, note=codec.dumps({"moved_to": moved_to}) if moved_to else None)
     if row is not None:
         collect_content(txn, row[0])
 

@@ -132,6 +132,18 @@ CREATE INDEX messages_keywords ON messages (mailbox, keywords) WHERE keywords !=
 """
 
 
+# Version 3, for sync: flags documents whose mailbox this device does not have (yet:
+# documents can arrive in any order from several devices).  They are indexed when
+# their mailbox arrives.
+_V3 = """
+CREATE TABLE orphan_flags (
+    flags_doc TEXT PRIMARY KEY,
+    mailbox   TEXT NOT NULL
+);
+CREATE INDEX orphan_flags_by_mailbox ON orphan_flags (mailbox);
+"""
+
+
 def local_day(timestamp, tz_minutes):
     """The calendar day of ``timestamp`` in its own zone, as a proleptic ordinal.
 
@@ -174,18 +186,47 @@ def index_mailbox(txn, old, new):
         txn.emit(MailboxChanged(new.id, None))
         return
     data = codec.loads(new.content)
-    if old is None:
+    name = _free_name(txn, new.id, data["name"])
+    known = txn.execute("SELECT 1 FROM mailboxes WHERE doc_id = ?", (new.id,)).fetchone()
+    if not known:
         txn.execute(
             "INSERT INTO mailboxes (doc_id, name, role, uidvalidity, uidnext, highestmodseq, "
             "recent_floor) VALUES (?, ?, ?, ?, 1, 0, 1)",
-            (new.id, data["name"], data.get("role"), _next_uidvalidity(txn)),
+            (new.id, name, data.get("role"), _next_uidvalidity(txn)),
         )
     else:
         txn.execute(
             "UPDATE mailboxes SET name = ?, role = ? WHERE doc_id = ?",
-            (data["name"], data.get("role"), new.id),
+            (name, data.get("role"), new.id),
         )
-    txn.emit(MailboxChanged(new.id, data["name"]))
+    txn.emit(MailboxChanged(new.id, name))
+    if not known:
+        waiting = txn.execute(
+            "SELECT flags_doc FROM orphan_flags WHERE mailbox = ?", (new.id,)).fetchall()
+        for (flags_doc,) in waiting:
+            txn.execute("DELETE FROM orphan_flags WHERE flags_doc = ?", (flags_doc,))
+            doc = txn.get(flags_doc)
+            if doc is not None:
+                index_flags(txn, None, doc)
+
+
+def _free_name(txn, doc_id, name):
+    """The name a mailbox document is listed under here.
+
+    Two mailboxes can claim one name when devices rename or create apart.  The one
+    with the smaller id keeps it, whatever the order they arrived in, so every device
+    shows the same; the other is listed with a suffix from its id until renamed.
+    """
+    row = txn.execute("SELECT doc_id FROM mailboxes WHERE name = ?", (name,)).fetchone()
+    if row is None or row[0] == doc_id:
+        return name
+    other = row[0]
+    if other < doc_id:
+        return f"{name}-{doc_id[-6:]}"
+    displaced = f"{name}-{other[-6:]}"
+    txn.execute("UPDATE mailboxes SET name = ? WHERE doc_id = ?", (displaced, other))
+    txn.emit(MailboxChanged(other, displaced))
+    return name
 
 
 # UPDATE ... RETURNING costs some 200 µs a statement here once the transaction is
@@ -201,6 +242,7 @@ def _bump_modseq(txn, mailbox):
 
 def index_flags(txn, old, new):
     if new.deleted:
+        txn.execute("DELETE FROM orphan_flags WHERE flags_doc = ?", (new.id,))
         row = txn.execute(
             "SELECT mailbox, uid FROM messages WHERE flags_doc = ?", (new.id,)).fetchone()
         if row is not None:
@@ -228,7 +270,10 @@ def index_flags(txn, old, new):
             "SELECT uidnext - 1, highestmodseq FROM mailboxes WHERE doc_id = ?", (mailbox,)
         ).fetchone()
         if row is None:
-            raise LookupError(f"flags document {new.id} names unknown mailbox {mailbox}")
+            txn.execute(
+                "INSERT OR REPLACE INTO orphan_flags (flags_doc, mailbox) VALUES (?, ?)",
+                (new.id, mailbox))
+            return
         uid, modseq = row
         content = txn.execute(
             "SELECT size, rowid FROM contents WHERE doc_id = ?", (data["message"],)
@@ -326,9 +371,11 @@ def contains_folded(haystack, needle):
     return int(needle.lower() in haystack.lower())
 
 
+from leapmail.mail.merge import MERGERS  # noqa: E402  (merge needs the kinds above)
+
 MAIL = SchemaComponent(
     name="mail",
-    migrations=(_V1, _V2),
+    migrations=(_V1, _V2, _V3),
     indexers={
         MAILBOX_KIND: index_mailbox,
         FLAGS_KIND: index_flags,
@@ -336,4 +383,5 @@ MAIL = SchemaComponent(
         SUBSCRIPTION_KIND: index_subscription,
     },
     functions={"contains_folded": (2, contains_folded)},
+    mergers=MERGERS,
 )

@@ -126,6 +126,24 @@ class Transaction(Queries):
 
     def put(self, doc_id, kind, content, expected_rev=None):
         """Write a new revision.  ``expected_rev=0`` means "must not exist yet"."""
+        return self._put(doc_id, kind, content, expected_rev)
+
+    def write(self, doc_id, kind, content, deleted=False):
+        """Write a revision as sync received it: a live document or a tombstone of ``kind``.
+
+        Unlike :meth:`delete`, a tombstone is written even for a document this store
+        never had, so that what the provider holds is mirrored exactly.
+        """
+        if not deleted:
+            return self._put(doc_id, kind, content, None)
+        old = self.get(doc_id, include_deleted=True)
+        self._check(doc_id, old, kind, None)
+        new = Document(doc_id, kind, (old.rev if old else 0) + 1, self._counter.advance(),
+                       None if content is None else bytes(content), True)
+        self._write(old, new)
+        return new
+
+    def _put(self, doc_id, kind, content, expected_rev):
         if not isinstance(content, (bytes, bytearray, memoryview)):
             raise TypeError("document content must be bytes")
         old = self.get(doc_id, include_deleted=True)
@@ -140,15 +158,20 @@ class Transaction(Queries):
         data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
         return self.put(doc_id, kind, data, expected_rev)
 
-    def delete(self, doc_id, expected_rev=None):
-        """Replace a document by a tombstone (kept so sync can replicate the deletion)."""
+    def delete(self, doc_id, expected_rev=None, note=None):
+        """Replace a document by a tombstone (kept so sync can replicate the deletion).
+
+        ``note`` (bytes) travels with the tombstone: what the deletion meant, for a
+        device that merges it with a concurrent change (a move names its target).
+        """
         old = self.get(doc_id, include_deleted=True)
         if old is None or old.deleted:
             if expected_rev not in (None, 0):
                 raise RevisionConflict(self.path, doc_id, expected_rev, old.rev if old else 0)
             return None
         self._check(doc_id, old, old.kind, expected_rev)
-        new = Document(doc_id, old.kind, old.rev + 1, self._counter.advance(), None, True)
+        new = Document(doc_id, old.kind, old.rev + 1, self._counter.advance(),
+                       None if note is None else bytes(note), True)
         self._write(old, new)
         return new
 

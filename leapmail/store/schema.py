@@ -26,6 +26,9 @@ class SchemaComponent:
     indexers: dict = field(default_factory=dict)
     #: SQL functions every connection gets: ``{name: (number_of_arguments, callable)}``.
     functions: dict = field(default_factory=dict)
+    #: How sync merges a document of a kind changed both here and elsewhere:
+    #: ``{kind: merger(txn, local, remote) -> Document}`` (see leapmail.sync).
+    mergers: dict = field(default_factory=dict)
 
     @property
     def version(self):

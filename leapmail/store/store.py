@@ -41,6 +41,7 @@ class Store:
         self._indexers = database.indexers()
         self._jobs = queue.SimpleQueue()
         self._subscribers = []
+        self._watchers = []
         self._closed = False
         self._closing = None
         self._writer = threading.Thread(
@@ -126,6 +127,7 @@ class Store:
                     stopping = job
                     break
                 batch.append(job)
+            before = committer.counter.value
             outcomes = committer.run_batch([(fn, args) for fn, args, _ in batch])
             events = committer.events
             results = []
@@ -134,7 +136,8 @@ class Store:
                     value = Failure(value)
                     value.cleanFailure()
                 results.append((d, ok, value))
-            self._reactor.callFromThread(self._deliver, events, results)
+            written = committer.counter.value if committer.counter.value != before else None
+            self._reactor.callFromThread(self._deliver, events, results, written)
         try:
             # Fold the WAL back so a cleanly closed store is one self-contained file.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -153,7 +156,23 @@ class Store:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
-    def _deliver(self, events, results):
+    def watch(self, callback):
+        """Call ``callback(generation)`` on the reactor after each commit that wrote.
+
+        For sync, which replicates every document whatever its kind; the mail core's
+        events (:meth:`subscribe`) say what writes meant.  Returns a function that
+        stops the watching.
+        """
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback)
+
+    def _deliver(self, events, results, generation=None):
+        if generation is not None:
+            for callback in list(self._watchers):
+                try:
+                    callback(generation)
+                except Exception:
+                    self._log.failure("store generation watcher failed")
         if events:
             for callback in list(self._subscribers):
                 try:

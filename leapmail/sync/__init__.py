@@ -1,0 +1,1 @@
+"""Replication of the store with the provider: protocol client, merge, loop."""

@@ -1,0 +1,312 @@
+"""Replication of store documents with the provider: push, pull, merge.
+
+The store's generation numbers every local write, so "what to push" is a range scan
+of the documents table after ``push_gen``; the provider's change sequence numbers
+every write there, so "what to pull" is the feed after ``pull_seq``.  Both positions
+move only in the same transaction as the work they account for, so an interruption at
+any point (the daemon killed, the provider gone mid-batch) repeats at most one batch,
+and repeating a batch changes nothing: a pulled revision already seen is skipped, and
+a push the provider took but we did not record comes back as our own revision.
+
+Pulled batches are applied whole or not at all: one transaction, after every document
+in it has been opened and checked.  A document that fails (tampered, replayed, not
+ours) stops the batch, and the error stays visible until the provider serves a good one.
+
+Blobs (big attachments) travel as one wire document per chunk, pushed before the
+blob's own document, so a device never holds more than a batch in memory.
+"""
+
+import json
+from dataclasses import dataclass
+
+from twisted.internet import threads
+
+from leapmail.crypto.wire import WireError
+from leapmail.errors import LeapmailError
+from leapmail.store.documents import BLOB_KIND, Document
+from leapmail.sync.remote import Conflict, ProviderError
+from leapmail.sync.schema import get_state, set_state
+
+#: Kind of the wire documents that carry blob chunks (they are no store documents).
+CHUNK_KIND = "blob-chunk"
+#: One push: at most this many documents and about this many bytes (the provider
+#: takes 1,000 and 32 MiB; staying well under keeps each request short).
+PUSH_MAX_DOCS = 500
+PUSH_MAX_BYTES = 4 * 1024 * 1024
+PULL_LIMIT = 500
+
+
+class SyncRefused(LeapmailError):
+    """Something the provider served cannot be applied; nothing of its batch was."""
+
+
+@dataclass
+class Outgoing:
+    wire_id: str
+    kind: str
+    doc_id: str
+    base: int
+    gen: int
+    data: bytes
+
+
+def _sync_row(queries, wire_id):
+    return queries.execute(
+        "SELECT remote_rev, synced_gen FROM sync_docs WHERE wire_id = ?", (wire_id,)
+    ).fetchone()
+
+
+def _record(txn, wire_id, doc_id, kind, rev, synced_gen):
+    txn.execute(
+        "INSERT INTO sync_docs (wire_id, doc_id, kind, remote_rev, synced_gen) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (wire_id) DO UPDATE SET "
+        "remote_rev = excluded.remote_rev, synced_gen = excluded.synced_gen",
+        (wire_id, doc_id, kind, rev, synced_gen),
+    )
+
+
+# -- pushing ---------------------------------------------------------------------------
+
+def collect_push(queries, keys, max_docs=PUSH_MAX_DOCS, max_bytes=PUSH_MAX_BYTES):
+    """A read job: the next batch of local changes, sealed.
+
+    Returns ``(items, push_gen)``: ``push_gen`` is where the next batch starts once
+    these are pushed (it moves even when every change was skipped).
+    """
+    start = get_state(queries, "push_gen", 0)
+    position = start
+    items, size = [], 0
+    rows = queries.execute(
+        "SELECT d.id, d.kind, d.gen, d.deleted, d.content, s.remote_rev, s.synced_gen "
+        "FROM documents d LEFT JOIN sync_docs s ON s.doc_id = d.id AND s.kind = d.kind "
+        "WHERE d.gen > ? ORDER BY d.gen LIMIT ?",
+        (start, max_docs),
+    )
+    for doc_id, kind, gen, deleted, content, remote_rev, synced_gen in rows:
+        if synced_gen == gen:
+            position = gen  # written here from what was pulled: nothing to push
+            continue
+        if deleted and not remote_rev:
+            position = gen  # never reached the provider: nothing to delete there
+            continue
+        extra = []
+        if kind == BLOB_KIND:
+            extra, complete = _chunk_items(queries, keys, doc_id, deleted, content,
+                                           max_bytes - size)
+            if not complete:
+                items += extra
+                return items, position
+        item_size = len(content or b"") + sum(len(e.data) for e in extra)
+        if items and (size + item_size > max_bytes or len(items) + len(extra) >= max_docs):
+            break
+        items += extra
+        rev = (remote_rev or 0) + 1
+        items.append(Outgoing(keys.wire_id(kind, doc_id), kind, doc_id, remote_rev or 0, gen,
+                              keys.seal(kind, doc_id, rev, content, deleted=bool(deleted))))
+        size += item_size
+        position = gen
+    return items, position
+
+
+def _chunk_items(queries, keys, blob_id, deleted, content, budget):
+    """The chunk documents a blob needs pushed first; ``complete`` if all fit."""
+    items = []
+    if deleted:
+        for wire_id, doc_id, remote_rev in queries.execute(
+            "SELECT wire_id, doc_id, remote_rev FROM sync_docs WHERE kind = ? "
+            "AND doc_id >= ? AND doc_id < ?",
+            (CHUNK_KIND, blob_id + "#", blob_id + "$"),
+        ).fetchall():
+            items.append(Outgoing(wire_id, CHUNK_KIND, doc_id, remote_rev, 0,
+                                  keys.seal(CHUNK_KIND, doc_id, remote_rev + 1, None, True)))
+        return items, True
+    info = json.loads(content)
+    count = -(-info["size"] // info["chunk_size"]) or 1
+    used = 0
+    for seq in range(count):
+        doc_id = f"{blob_id}#{seq}"
+        wire_id = keys.wire_id(CHUNK_KIND, doc_id)
+        if _sync_row(queries, wire_id) is not None:
+            continue
+        row = queries.execute(
+            "SELECT data FROM blob_chunks WHERE blob_id = ? AND seq = ?", (blob_id, seq)
+        ).fetchone()
+        data = bytes(row[0]) if row else b""
+        if items and used + len(data) > budget:
+            return items, False
+        items.append(Outgoing(wire_id, CHUNK_KIND, doc_id, 0, 0,
+                              keys.seal(CHUNK_KIND, doc_id, 1, data)))
+        used += len(data)
+    return items, True
+
+
+def record_pushed(txn, items, revs, push_gen):
+    """A write job: the provider took ``items`` at ``revs``."""
+    for item, rev in zip(items, revs):
+        _record(txn, item.wire_id, item.doc_id, item.kind, rev, item.gen)
+    set_state(txn, "push_gen", push_gen)
+
+
+def pending_count(queries):
+    """Local changes not pushed yet (approximately: a doc changed twice counts once)."""
+    start = get_state(queries, "push_gen", 0)
+    (count,) = queries.execute(
+        "SELECT count(*) FROM documents d LEFT JOIN sync_docs s "
+        "ON s.doc_id = d.id AND s.kind = d.kind "
+        "WHERE d.gen > ? AND (s.synced_gen IS NULL OR s.synced_gen != d.gen) "
+        "AND NOT (d.deleted AND s.remote_rev IS NULL)",
+        (start,),
+    ).fetchone()
+    return count
+
+
+# -- pulling ---------------------------------------------------------------------------
+
+def open_all(keys, changes):
+    """Decrypt and check a batch (on a thread); any failure refuses the whole batch."""
+    opened = []
+    for wire_id, rev, _seq, data in changes:
+        if rev < 1:
+            raise SyncRefused(f"the provider served document {wire_id} at revision {rev}")
+        try:
+            kind, doc_id, deleted, content = keys.open(wire_id, rev, data)
+        except WireError as e:
+            raise SyncRefused(f"refused a document from the provider: {e}") from None
+        opened.append((wire_id, rev, kind, doc_id, deleted, content))
+    return opened
+
+
+def apply_pulled(txn, mergers, opened, pull_seq=None):
+    """A write job: apply opened documents, merging with local changes; all or nothing."""
+    for item in opened:
+        _apply_one(txn, mergers, *item)
+    if pull_seq is not None:
+        set_state(txn, "pull_seq", pull_seq)
+
+
+def _same(a, b):
+    return bool(a.deleted) == bool(b.deleted) and (a.content or None) == (b.content or None)
+
+
+def _apply_one(txn, mergers, wire_id, rev, kind, doc_id, deleted, content):
+    row = _sync_row(txn, wire_id)
+    if row is not None:
+        if rev < row[0]:
+            raise SyncRefused(
+                f"the provider served an old revision ({rev}) of document {wire_id} after "
+                f"revision {row[0]}: a replay; refused")
+        if rev == row[0]:
+            return  # our own push, echoed by the feed; or a batch repeated
+    if kind == CHUNK_KIND:
+        blob_id, _, seq = doc_id.rpartition("#")
+        if deleted:
+            txn.execute("DELETE FROM blob_chunks WHERE blob_id = ? AND seq = ?",
+                        (blob_id, int(seq)))
+        else:
+            txn.execute("INSERT OR REPLACE INTO blob_chunks (blob_id, seq, data) VALUES (?, ?, ?)",
+                        (blob_id, int(seq), content))
+        _record(txn, wire_id, doc_id, kind, rev, 0)
+        return
+    remote = Document(doc_id, kind, rev, 0, content, bool(deleted))
+    local = txn.get(doc_id, include_deleted=True)
+    if local is not None and local.kind != kind:
+        raise SyncRefused(f"document {wire_id} changes kind from {local.kind} to {kind}")
+    dirty = local is not None and (row is None or local.gen > row[1])
+    synced = row[1] if row else 0
+    if local is not None and _same(local, remote):
+        synced = local.gen
+    elif not dirty or _same(result := mergers.get(kind, _keep_remote)(txn, local, remote),
+                            remote):
+        if local is None and deleted:
+            synced = 0
+        else:
+            synced = txn.write(doc_id, kind, content, deleted=bool(deleted)).gen
+        _blob_follow(txn, kind, doc_id, deleted)
+    elif not _same(result, local):
+        # Merged: written here, and pushed later on top of the remote revision.
+        txn.write(doc_id, kind, result.content, deleted=result.deleted)
+        _blob_follow(txn, kind, doc_id, result.deleted)
+    _record(txn, wire_id, doc_id, kind, rev, synced)
+
+
+def _keep_remote(txn, local, remote):
+    return remote
+
+
+def _blob_follow(txn, kind, doc_id, deleted):
+    if kind == BLOB_KIND and deleted:
+        txn.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (doc_id,))
+
+
+# -- one exchange ----------------------------------------------------------------------
+
+class Replicator:
+    """Push and pull for one store and one provider client.
+
+    Every call is one bounded step; :mod:`leapmail.sync.service` decides when to take
+    them and what to do after a failure.  Steps that write locally run one at a time.
+    """
+
+    def __init__(self, store, keys, client):
+        from twisted.internet.defer import DeferredLock
+
+        self.store = store
+        self.keys = keys
+        self.client = client
+        self.mergers = {}
+        for component in store.database.components:
+            self.mergers.update(component.mergers)
+        self._lock = DeferredLock()
+
+    async def push(self):
+        """Push every local change; returns the number of documents pushed."""
+        pushed = 0
+        while True:
+            await self._lock.acquire()
+            try:
+                items, position = await self.store.read(collect_push, self.keys)
+                if not items:
+                    if position != await self.store.read(get_state, "push_gen", 0):
+                        await self.store.transact(record_pushed, [], [], position)
+                        continue
+                    return pushed
+                try:
+                    _, revs = await self.client.push(
+                        [(i.wire_id, i.base, i.data) for i in items])
+                except Conflict as conflict:
+                    await self._resolve(conflict.conflicts)
+                    continue
+                await self.store.transact(record_pushed, items, revs, position)
+                pushed += len(items)
+            finally:
+                self._lock.release()
+
+    async def _resolve(self, conflicts):
+        ids = []
+        for entry in conflicts:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                raise ProviderError("the provider's conflict answer is malformed")
+            ids.append(entry["id"])
+        changes = await self.client.get_docs(ids)
+        opened = await threads.deferToThread(open_all, self.keys, changes)
+        await self.store.transact(apply_pulled, self.mergers, opened)
+        missing = set(ids) - {wire_id for wire_id, *_ in changes}
+        if missing:
+            # The provider says the document is at a revision it then does not serve.
+            raise ProviderError(
+                f"the provider reported conflicts on {len(missing)} documents it does not have")
+
+    async def pull(self, wait=0):
+        """Pull one batch of the change feed; returns whether more is waiting."""
+        since = await self.store.read(get_state, "pull_seq", 0)
+        changes, seq, more = await self.client.changes(since, PULL_LIMIT, wait)
+        if seq < since:
+            raise SyncRefused(
+                f"the provider's change feed went back from {since} to {seq}; refused")
+        opened = await threads.deferToThread(open_all, self.keys, changes)
+        await self._lock.acquire()
+        try:
+            await self.store.transact(apply_pulled, self.mergers, opened, seq)
+        finally:
+            self._lock.release()
+        return more and bool(changes)

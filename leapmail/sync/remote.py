@@ -1,0 +1,257 @@
+"""The provider's HTTP API as the device calls it (see docs/sync.rst).
+
+HTTPS with the provider's certificate pinned: a device trusts exactly the certificate
+given at ``init`` (``--provider-ca``), or the system's authorities when none was.
+Responses are read up to a bound, so a broken or hostile provider cannot make the
+daemon buffer without limit.
+"""
+
+import json
+from base64 import b64decode, b64encode
+from io import BytesIO
+from urllib.parse import urlencode, urlsplit
+
+from twisted.internet import defer, protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from leapmail.errors import LeapmailError
+
+#: The most a response may hold: a changes batch is about 8 MiB of documents, which
+#: base64 and JSON make about 11 MiB.
+MAX_RESPONSE = 48 * 1024 * 1024
+
+
+class ProviderError(LeapmailError):
+    """The provider refused a request, or its answer made no sense."""
+
+    def __init__(self, message, status=None, code=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class Unauthorized(ProviderError):
+    pass
+
+
+class TokenExpired(Unauthorized):
+    pass
+
+
+class Conflict(ProviderError):
+    def __init__(self, conflicts):
+        super().__init__(f"{len(conflicts)} documents changed at the provider meanwhile",
+                         409, "conflict")
+        self.conflicts = conflicts
+
+
+class Unreachable(ProviderError):
+    """No answer at all: connection refused, reset, timed out, TLS failed."""
+
+
+@implementer(IPolicyForHTTPS)
+class PinnedPolicy:
+    """Trust exactly one certificate (the provider's self-signed one)."""
+
+    def __init__(self, pem):
+        self._root = Certificate.loadPEM(pem)
+
+    def creatorForNetloc(self, hostname, port):
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self, finished, limit):
+        self.finished, self.limit, self.parts, self.size = finished, limit, [], 0
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            self.transport.stopProducing()
+            if not self.finished.called:
+                self.finished.errback(ProviderError(
+                    f"the provider's answer is larger than {self.limit} bytes"))
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason):
+        if self.finished.called:
+            return
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
+            self.finished.callback(b"".join(self.parts))
+        else:
+            self.finished.errback(Unreachable(
+                f"the provider's answer was cut off ({reason.getErrorMessage()})"))
+
+
+class ProviderClient:
+    """Calls on one provider; ``token`` is set once the device has one."""
+
+    def __init__(self, url, ca_pem=None, token=None, reactor=None, timeout=60):
+        if reactor is None:
+            from twisted.internet import reactor
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ProviderError(f"provider URL must be https://HOST[:PORT], not {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token
+        self._reactor = reactor
+        self._timeout = timeout
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 4
+        policy = PinnedPolicy(ca_pem) if ca_pem else BrowserLikePolicyForHTTPS()
+        self._agent = Agent(reactor, contextFactory=policy, pool=self._pool,
+                            connectTimeout=timeout)
+        self._inflight = set()
+
+    def close(self):
+        """Cancel what is in flight and drop idle connections."""
+        for d in list(self._inflight):
+            d.cancel()
+        return self._pool.closeCachedConnections()
+
+    async def _request(self, method, path, body=None, auth=True, timeout=None):
+        headers = {b"Accept": [b"application/json"], b"User-Agent": [b"leapmail"]}
+        if auth:
+            if not self.token:
+                raise Unauthorized("this device has no token for the provider", 401)
+            headers[b"Authorization"] = [b"Bearer " + self.token.encode("ascii")]
+        producer = None
+        if body is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+            producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
+        d = self._agent.request(method, (self.url + path).encode("ascii"), Headers(headers),
+                                producer)
+        limit = (timeout or self._timeout)
+        timer = self._reactor.callLater(limit, d.cancel)
+        self._inflight.add(d)
+        try:
+            response = await d
+            finished = defer.Deferred()
+            response.deliverBody(_Collect(finished, MAX_RESPONSE))
+            self._inflight.discard(d)
+            d = finished
+            self._inflight.add(d)
+            data = await d
+        except defer.CancelledError:
+            if timer.active():
+                raise
+            raise Unreachable(f"the provider did not answer within {limit:g} s") from None
+        except ProviderError:
+            raise
+        except Exception as e:
+            raise Unreachable(f"cannot reach the provider at {self.url}: {_reason(e)}") from None
+        finally:
+            self._inflight.discard(d)
+            if timer.active():
+                timer.cancel()
+        try:
+            value = json.loads(data) if data else {}
+            if not isinstance(value, dict):
+                raise ValueError
+        except ValueError:
+            raise ProviderError(
+                f"the provider answered {method.decode()} {path.split('?')[0]} with "
+                f"HTTP {response.code} and no valid JSON", response.code) from None
+        if 200 <= response.code < 300:
+            return value
+        code = value.get("error")
+        message = value.get("message") or f"HTTP {response.code}"
+        if response.code == 409 and code == "conflict":
+            conflicts = value.get("conflicts")
+            if not isinstance(conflicts, list):
+                raise ProviderError("the provider's conflict answer is malformed", 409)
+            raise Conflict(conflicts)
+        if response.code == 401:
+            cls = TokenExpired if code == "token_expired" else Unauthorized
+            raise cls(f"the provider refused: {message}", 401, code)
+        raise ProviderError(f"the provider refused: {message} (HTTP {response.code})",
+                            response.code, code)
+
+    # -- accounts ----------------------------------------------------------------------
+
+    async def login_params(self, address):
+        value = await self._request(
+            b"GET", "/v1/login-params?" + urlencode({"address": address}), auth=False)
+        return _field(value, "kdf", dict)
+
+    async def enroll(self, address, code, login_kdf, verifier, bundle, device):
+        value = await self._request(b"POST", "/v1/enroll", {
+            "address": address, "code": code,
+            "login": {"kdf": login_kdf, "verifier": b64encode(verifier).decode("ascii")},
+            "bundle": b64encode(bundle).decode("ascii"), "device": device,
+        }, auth=False)
+        return _token(value)
+
+    async def login(self, address, login_key, device):
+        value = await self._request(b"POST", "/v1/login", {
+            "address": address, "login_key": b64encode(login_key).decode("ascii"),
+            "device": device,
+        }, auth=False)
+        return _token(value)
+
+    async def bundle(self):
+        value = await self._request(b"GET", "/v1/bundle")
+        return _b64(_field(value, "bundle", str))
+
+    # -- documents ---------------------------------------------------------------------
+
+    async def push(self, docs):
+        """``docs``: ``[(wire_id, base_rev, data)]``; returns ``(seq, [rev, ...])``."""
+        value = await self._request(b"POST", "/v1/docs", {"docs": [
+            {"id": wid, "base": base, "data": b64encode(data).decode("ascii")}
+            for wid, base, data in docs
+        ]})
+        revs = _field(value, "revs", list)
+        if len(revs) != len(docs) or not all(isinstance(r, int) for r in revs):
+            raise ProviderError("the provider's push answer is malformed")
+        return _field(value, "seq", int), revs
+
+    async def get_docs(self, ids):
+        value = await self._request(b"POST", "/v1/docs/get", {"ids": list(ids)})
+        return [_change(c) for c in _field(value, "docs", list)]
+
+    async def changes(self, since, limit=1000, wait=0):
+        query = urlencode({"since": since, "limit": limit, "wait": wait})
+        value = await self._request(b"GET", "/v1/changes?" + query,
+                                    timeout=self._timeout + wait)
+        changes = [_change(c) for c in _field(value, "changes", list)]
+        return changes, _field(value, "seq", int), bool(value.get("more"))
+
+
+def _reason(exc):
+    inner = getattr(exc, "reasons", None)
+    if inner:
+        return "; ".join(r.getErrorMessage() for r in inner)
+    return str(exc) or type(exc).__name__
+
+
+def _field(value, name, kind):
+    item = value.get(name)
+    if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+        raise ProviderError(f"the provider's answer lacks a valid {name!r}")
+    return item
+
+
+def _b64(text):
+    try:
+        return b64decode(text, validate=True)
+    except ValueError:
+        raise ProviderError("the provider sent malformed base64") from None
+
+
+def _change(item):
+    if not isinstance(item, dict):
+        raise ProviderError("the provider sent a malformed document")
+    return (_field(item, "id", str), _field(item, "rev", int), item.get("seq"),
+            _b64(_field(item, "data", str)))
+
+
+def _token(value):
+    return _field(value, "token", str), str(value.get("device", "")), value.get("expires")

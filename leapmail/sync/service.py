@@ -1,0 +1,265 @@
+"""The daemon's sync loop: push soon after local writes, pull as the feed announces.
+
+Two loops share one :class:`~leapmail.sync.engine.Replicator`:
+
+- the **puller** long-polls the provider's change feed, so a change made on another
+  device (or mail delivered) arrives within about a second, and applies each batch;
+- the **pusher** wakes shortly after a local commit (debounced, so a burst of writes
+  goes out in few requests) and pushes until nothing is left.
+
+Either, on failure, waits with exponential backoff and full jitter, and tries again;
+a token the provider no longer accepts is replaced by logging in again with the login
+key.  Nothing here runs on the reactor for long: requests are asynchronous, crypto
+runs on threads, store work on the store's threads.
+
+The loop's state is written to ``sync-status.json`` in the account home (mode 0600,
+no secrets), which ``leapmail status`` shows.
+"""
+
+import json
+import os
+import random
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from leapmail.fsutil import atomic_write
+from leapmail.sync.engine import Replicator, SyncRefused, pending_count
+from leapmail.sync.remote import ProviderClient, ProviderError, Unauthorized
+from leapmail.sync.schema import get_state, set_state
+
+#: Seconds a long poll waits for news (the provider allows 30).
+LONG_POLL = 25
+#: Seconds between a local write and the push that carries it.
+PUSH_DELAY = 0.2
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 60.0
+STATUS_NAME = "sync-status.json"
+
+
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog, 2015)."""
+
+    def __init__(self, first=BACKOFF_FIRST, cap=BACKOFF_MAX, rng=random.random):
+        self.first, self.cap, self.rng, self.failures = first, cap, rng, 0
+
+    def next(self):
+        ceiling = min(self.cap, self.first * (2 ** self.failures))
+        self.failures += 1
+        return ceiling * (0.5 + self.rng() / 2)
+
+    def reset(self):
+        self.failures = 0
+
+
+class SyncService(service.Service):
+    log = Logger()
+
+    def __init__(self, store_service, keys, address, provider_url, ca_pem, home_path,
+                 reactor=None):
+        self._store_service = store_service
+        self._keys = keys
+        self._address = address
+        self._url = provider_url
+        self._ca_pem = ca_pem
+        self._status_path = os.path.join(home_path, STATUS_NAME)
+        self._reactor = reactor
+        self.client = None
+        self.replicator = None
+        self._loops = []
+        self._push_timer = None
+        self._push_running = None
+        self._push_again = False
+        self._push_backoff = Backoff()
+        self._unwatch = None
+        self._status = {"provider": provider_url, "state": "starting", "last_pull": None,
+                        "last_push": None, "error": None, "error_since": None}
+        self._status_timer = None
+        self._sleepers = set()
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def startService(self):
+        service.Service.startService(self)
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        store = self._store_service.store
+        self.client = ProviderClient(self._url, self._ca_pem, reactor=self._reactor)
+        self.replicator = Replicator(store, self._keys, self.client)
+        self._unwatch = store.watch(lambda _gen: self.push_soon())
+        self._loops.append(defer.ensureDeferred(self._pull_loop()))
+        self.push_soon(0)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._unwatch:
+            self._unwatch()
+        for timer in (self._push_timer, self._status_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        for sleeper in list(self._sleepers):
+            sleeper.cancel()
+        if self.client is not None:
+            yield self.client.close()
+        for d in self._loops + ([self._push_running] if self._push_running else []):
+            try:
+                yield d
+            except Exception:
+                pass
+        self._write_status_now()
+
+    # -- the loops ---------------------------------------------------------------------
+
+    async def _pull_loop(self):
+        backoff = Backoff()
+        more = True
+        while self.running:
+            try:
+                await self._ensure_token()
+                more = await self.replicator.pull(wait=0 if more else LONG_POLL)
+                backoff.reset()
+                self._succeeded("last_pull")
+            except defer.CancelledError:
+                return
+            except Exception as e:
+                if not self.running:
+                    return
+                await self._failed("pull", e, backoff)
+                more = True
+
+    def push_soon(self, delay=PUSH_DELAY):
+        """Push after ``delay`` seconds, unless a push is already due sooner."""
+        if not self.running:
+            return
+        if self._push_running is not None:
+            self._push_again = True
+            return
+        if self._push_timer is not None and self._push_timer.active():
+            return
+        self._push_timer = self._reactor.callLater(delay, self._start_push)
+
+    def _start_push(self):
+        self._push_running = defer.ensureDeferred(self._push())
+
+    async def _push(self):
+        retry = None
+        try:
+            self._push_again = False
+            await self._ensure_token()
+            pushed = await self.replicator.push()
+            self._push_backoff.reset()
+            if pushed:
+                self._succeeded("last_push")
+        except Exception as e:
+            if self.running:
+                retry = self._push_backoff.next()
+                self._record_error("push", e)
+        finally:
+            self._push_running = None
+        if not self.running:
+            return
+        if retry is not None:
+            self._push_timer = self._reactor.callLater(retry, self._start_push)
+        elif self._push_again:
+            self.push_soon()
+
+    async def _ensure_token(self):
+        if self.client.token is None:
+            self.client.token = await self.replicator.store.read(get_state, "token")
+        if self.client.token is None:
+            await self._login()
+
+    async def _login(self):
+        store = self.replicator.store
+        login_key = await store.read(get_state, "login_key")
+        device = await store.read(get_state, "device_name") or "leapmail"
+        if not login_key:
+            raise Unauthorized("this device has no login key; run leapmail init again")
+        token, device_id, _ = await self.client.login(self._address, bytes(login_key), device)
+        await store.transact(lambda txn: (set_state(txn, "token", token),
+                                          set_state(txn, "device_id", device_id)))
+        self.client.token = token
+        self.log.info("logged in to the provider again (new device token)")
+
+    async def _failed(self, what, error, backoff):
+        if isinstance(error, Unauthorized) and self.client.token is not None:
+            # An expired or revoked token: forget it; the next round logs in again.
+            self.client.token = None
+            await self.replicator.store.transact(lambda txn: set_state(txn, "token", None))
+        self._record_error(what, error)
+        await self._sleep(backoff.next())
+
+    def _sleep(self, seconds):
+        d = defer.Deferred()
+        timer = self._reactor.callLater(seconds, d.callback, None)
+        self._sleepers.add(d)
+
+        def done(result):
+            self._sleepers.discard(d)
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(done)
+        return d
+
+    # -- status ------------------------------------------------------------------------
+
+    def _record_error(self, what, error):
+        if isinstance(error, (ProviderError, SyncRefused)):
+            text = str(error)
+        else:
+            text = f"{type(error).__name__}: {error}"
+            self.log.failure("sync {what} failed unexpectedly", what=what)
+        if self._status["error"] != f"{what}: {text}":
+            self.log.warn("sync {what} failed: {error}", what=what, error=text)
+            self._status["error_since"] = _now()
+        self._status.update(state="retrying", error=f"{what}: {text}")
+        self._write_status()
+
+    def _succeeded(self, field):
+        if self._status["error"]:
+            self.log.info("sync works again")
+        self._status.update({field: _now(), "state": "ok", "error": None, "error_since": None})
+        self._write_status()
+
+    def _write_status(self):
+        # At most about once a second: an initial sync applies many batches.
+        if self._status_timer is None or not self._status_timer.active():
+            self._status_timer = self._reactor.callLater(1.0, self._write_status_now)
+
+    def _write_status_now(self):
+        store = self._store_service.store
+        status = dict(self._status)
+        if store is None or store._closed:
+            return self._dump(status)
+
+        def read(q):
+            return pending_count(q), get_state(q, "pull_seq", 0)
+
+        d = store.read(read)
+
+        def write(result):
+            status["pending"], status["pull_seq"] = result
+            self._dump(status)
+
+        d.addCallback(write)
+        d.addErrback(lambda f: self._dump(status))
+        return d
+
+    def _dump(self, status):
+        status["written"] = _now()
+        try:
+            atomic_write(self._status_path,
+                         (json.dumps(status, indent=1, sort_keys=True) + "\n").encode())
+        except OSError as e:
+            self.log.warn("cannot write {path}: {error}", path=self._status_path, error=e)
+
+
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
