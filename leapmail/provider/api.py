@@ -380,6 +380,7 @@ class _Channel(http.HTTPChannel):
     _left = None
     _linger_timer = None
     _idle_timer = None
+    _linger_ended = False
 
     def allHeadersReceived(self):
         limit = self.site.api.max_body
@@ -400,21 +401,33 @@ class _Channel(http.HTTPChannel):
         limit = self.site.api.max_body
         self.transport.write(_raw_error(
             413, f"the request body is over the limit of {limit} bytes"))
-        self._linger_timer = self.callLater(LINGER_MAX, self._end_linger)
-        self._idle_timer = self.callLater(LINGER_IDLE, self._end_linger)
+        self._linger_timer = self.callLater(LINGER_MAX, self.end_linger)
+        self._idle_timer = self.callLater(LINGER_IDLE, self.end_linger)
 
     def rawDataReceived(self, data):
         if not self._refusing:
             return super().rawDataReceived(data)
-        if self._left is not None:
-            self._left -= len(data)
-            if self._left <= 0:
-                self._end_linger()
-                return
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(LINGER_IDLE)
+        if self._left is None:
+            # A chunked body: its decoder finds where it ends (the request drops the
+            # chunks, and calls end_linger at the end).
+            return super().rawDataReceived(data)
+        self._left -= len(data)
+        if self._left <= 0:
+            self.end_linger()
 
-    def _end_linger(self):
+    def _respondToBadRequestAndDisconnect(self):
+        if self._refusing:
+            # Our answer is out already; whatever the client sends now is dropped.
+            self.end_linger()
+            return
+        super()._respondToBadRequestAndDisconnect()
+
+    def end_linger(self):
+        if self._linger_ended:
+            return
+        self._linger_ended = True
         for timer in (self._linger_timer, self._idle_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -448,6 +461,8 @@ class _Request(server.Request):
 
     def requestReceived(self, command, path, version):
         if self._refused:
+            # The end of a refused chunked body: the client has sent it all.
+            self.channel.end_linger()
             return
         # Every body here is JSON, parsed by the API in a thread.  Without a
         # Content-Type, twisted.web does not parse a form body on the reactor.
