@@ -173,12 +173,12 @@ class Clock:
 class Frontend:
     """One provider front end: the real API on a real TLS port of this process."""
 
-    def __init__(self, home, database=None, clock=None, token_lifetime=3600):
+    def __init__(self, home, database=None, clock=None, token_lifetime=3600, threads=4):
         os.makedirs(home, exist_ok=True)
         self.home = home
         self.clock = clock or Clock()
         self.storage = open_storage(home, database)
-        self.pool = ThreadPool(minthreads=1, maxthreads=4, name="test-provider")
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="test-provider")
         self.pool.start()
         self.api = ProviderAPI(self.storage, self.pool, load_secret(home),
                                token_lifetime=token_lifetime, reactor=reactor,
@@ -776,6 +776,29 @@ async def test_front_ends_sharing_postgresql_wake_each_other(postgres_server, tm
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_database_connection_is_a_503_then_heals(postgres_server, tmp_path):
+    url = postgres_server.create_database()
+    # One thread, so that the connection the next request uses is one that was cut.
+    fe = Frontend(str(tmp_path / "p"), url, threads=1)
+    try:
+        alice = await fe.enrolled("alice@example.org")
+        assert (await in_thread(alice.push, [("a", 0, b"x")])).status == 200
+        database = url.rsplit("/", 1)[1]
+        # Every connection of the front end's threads is cut, as a database restart would.
+        postgres_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             f"WHERE datname = '{database}' AND pid <> pg_backend_pid();")
+        r = await in_thread(alice.changes, 0)
+        assert (r.status, r.json, r.headers["Retry-After"]) == (503, {
+            "error": "unavailable",
+            "message": "the provider's storage is unavailable; try again later"}, "5")
+        # The broken connection was dropped; the next request opens a new one.
+        r = await in_thread(alice.changes, 0)
+        assert (r.status, r.json["seq"]) == (200, 1)
+    finally:
+        await fe.stop()
 
 
 # -- the commands: leapmail-provider and twistd leapmail-provider ---------------------
