@@ -33,25 +33,120 @@ class DaemonError(Exception):
     """The daemon or one of the leapmail commands failed; the message has its output."""
 
 
-class LeapmailDaemon:
-    def __init__(self, home, passphrase="leapmail-bench", address="bench@localhost",
-                 extra_args=()):
-        self.home = os.path.abspath(home)
-        self.passphrase = passphrase
-        self.address = address
-        self.extra_args = list(extra_args)
+class TwistdProcess:
+    """A ``twistd -n`` service in its own session, its output in ``log_path``.
+
+    :meth:`run` waits for the line matching ``listening`` (a regex with the host and
+    port as groups) and sets ``host`` and ``port`` from it.
+    """
+
+    listening = LISTENING
+
+    def __init__(self, log_path):
+        self.log_path = log_path
         self.host = None
         self.port = None
-        self.user = None
-        self.password = None
         self.process = None
-        self.log_path = self.home.rstrip("/") + "-daemon.log"
         self._lines = None
         self._reader = None
 
     @property
     def pid(self):
         return None if self.process is None else self.process.pid
+
+    def _env(self):
+        return dict(os.environ)
+
+    def run(self, argv, timeout=120):
+        self._lines = queue.Queue()
+        self.process = subprocess.Popen(argv, env=self._env(), cwd=ROOT,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        try:
+            self._wait_listening(time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _pump(self):
+        # Drains the pipe for the process's whole life (a full pipe would block it) and
+        # hands the lines to run(), which waits on the queue with a deadline.
+        with open(self.log_path, "ab") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_listening(self, deadline):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DaemonError(f"no 'listening' line in time:\n{self.log_text()}")
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.process.wait()
+                raise DaemonError(f"{os.path.basename(self.log_path)}: the process exited "
+                                  f"({self.process.returncode}) before listening:\n"
+                                  f"{self.log_text()}")
+            match = self.listening.search(line)
+            if match:
+                self.host = match.group(1).decode()
+                self.port = int(match.group(2))
+                return
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill(self):
+        """SIGKILL, as a crash: nothing gets to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.stop()
+
+    def stop(self, timeout=60):
+        if self.process is None:
+            return
+        sid = self.process.pid
+        if self.process.poll() is None:
+            # SIGTERM: twistd stops its services, so stores are closed cleanly.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._reader is not None:
+            self._reader.join(timeout)
+            self._reader = None
+        self.process.stdout.close()
+        self.process = None
+
+
+class LeapmailDaemon(TwistdProcess):
+    def __init__(self, home, passphrase="leapmail-bench", address="bench@localhost",
+                 extra_args=(), init_args=()):
+        self.home = os.path.abspath(home)
+        super().__init__(self.home.rstrip("/") + "-daemon.log")
+        self.passphrase = passphrase
+        self.address = address
+        self.extra_args = list(extra_args)
+        self.init_args = list(init_args)
+        self.user = None
+        self.password = None
 
     def _env(self):
         env = dict(os.environ)
@@ -69,7 +164,8 @@ class LeapmailDaemon:
     def init(self):
         """Create the account unless the home already holds one."""
         if not os.path.exists(os.path.join(self.home, "secrets.json")):
-            self._leapmail("init", "--home", self.home, "--address", self.address)
+            self._leapmail("init", "--home", self.home, "--address", self.address,
+                           *self.init_args)
 
     def _read_credentials(self):
         out = self._leapmail("--home", self.home, "credentials")
@@ -80,87 +176,10 @@ class LeapmailDaemon:
 
     def start(self, timeout=120):
         self.init()
-        try:
-            self._read_credentials()
-            early_error = None
-        except DaemonError as e:
-            # Credentials may only exist once the daemon has run, or the command may
-            # refuse while the store is locked by nobody: try again once it listens.
-            early_error = e
-        argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "leapmail",
-                "--home", self.home, "--imap-port", "0", *self.extra_args]
-        self._lines = queue.Queue()
-        self.process = subprocess.Popen(argv, env=self._env(), cwd=ROOT,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-        try:
-            self._wait_listening(time.monotonic() + timeout)
-            if early_error is not None:
-                self._read_credentials()
-        except BaseException:
-            self.stop()
-            raise
+        self._read_credentials()
+        self.run([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "leapmail",
+                  "--home", self.home, "--imap-port", "0", *self.extra_args], timeout)
         return self
-
-    def _pump(self):
-        # Drains the pipe for the daemon's whole life (a full pipe would block it) and
-        # hands the lines to start(), which waits on the queue with a deadline.
-        with open(self.log_path, "ab") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_listening(self, deadline):
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DaemonError(f"no 'IMAP listening' line in time:\n{self.log_text()}")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.process.wait()
-                raise DaemonError(f"the daemon exited ({self.process.returncode}) before "
-                                  f"listening:\n{self.log_text()}")
-            match = LISTENING.search(line)
-            if match:
-                self.host = match.group(1).decode()
-                self.port = int(match.group(2))
-                return
-
-    def log_text(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout=60):
-        if self.process is None:
-            return
-        sid = self.process.pid
-        if self.process.poll() is None:
-            # SIGTERM: twistd stops its services, so the store is closed cleanly.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        try:
-            os.killpg(sid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self._reader is not None:
-            self._reader.join(timeout)
-            self._reader = None
-        self.process.stdout.close()
-        self.process = None
 
     def __enter__(self):
         return self.start()

@@ -259,9 +259,16 @@ class Replicator:
         self._lock = DeferredLock()
 
     async def push(self):
-        """Push every local change; returns the number of documents pushed."""
-        pushed = 0
+        """Push every local change; returns the number of documents pushed.
+
+        A push refused for a stale revision is settled by pulling: the feed brings
+        the other device's revisions in the order they were written (a moved
+        message's copy before the tombstone that names it), each merged with the local
+        change, and the merged documents go out on the next round.
+        """
+        pushed, conflicts_in_a_row = 0, 0
         while True:
+            conflict = None
             await self._lock.acquire()
             try:
                 items, position = await self.store.read(collect_push, self.keys)
@@ -273,15 +280,28 @@ class Replicator:
                 try:
                     _, revs = await self.client.push(
                         [(i.wire_id, i.base, i.data) for i in items])
-                except Conflict as conflict:
-                    await self._resolve(conflict.conflicts)
-                    continue
-                await self.store.transact(record_pushed, items, revs, position)
-                pushed += len(items)
+                except Conflict as e:
+                    conflict = e
+                else:
+                    await self.store.transact(record_pushed, items, revs, position)
+                    pushed += len(items)
             finally:
                 self._lock.release()
+            if conflict is not None:
+                conflicts_in_a_row += 1
+                if conflicts_in_a_row > 5:
+                    raise ProviderError(
+                        "pushes keep conflicting although every revision the provider "
+                        "serves has been merged; will retry later")
+                while await self.pull():
+                    pass
+                await self._resolve(conflict.conflicts)
+            else:
+                conflicts_in_a_row = 0
 
     async def _resolve(self, conflicts):
+        """Apply the provider's current revision of documents a push conflicted on
+        that the feed has not brought (a no-op for those it has)."""
         ids = []
         for entry in conflicts:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -289,12 +309,11 @@ class Replicator:
             ids.append(entry["id"])
         changes = await self.client.get_docs(ids)
         opened = await threads.deferToThread(open_all, self.keys, changes)
-        await self.store.transact(apply_pulled, self.mergers, opened)
-        missing = set(ids) - {wire_id for wire_id, *_ in changes}
-        if missing:
-            # The provider says the document is at a revision it then does not serve.
-            raise ProviderError(
-                f"the provider reported conflicts on {len(missing)} documents it does not have")
+        await self._lock.acquire()
+        try:
+            await self.store.transact(apply_pulled, self.mergers, opened)
+        finally:
+            self._lock.release()
 
     async def pull(self, wait=0):
         """Pull one batch of the change feed; returns whether more is waiting."""

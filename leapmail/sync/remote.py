@@ -13,12 +13,21 @@ from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import defer, protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from leapmail.errors import LeapmailError
+
+# One log line per connection the pool opens says nothing a user needs.
+_HTTP11ClientFactory.noisy = False
 
 #: The most a response may hold: a changes batch is about 8 MiB of documents, which
 #: base64 and JSON make about 11 MiB.
