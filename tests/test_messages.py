@@ -5,7 +5,7 @@ import pytest_twisted
 from twisted.internet import defer
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from leapmail.mail import mime
+from leapmail.mail import message as message_module, mime
 from leapmail.mail.errors import NoSuchMailbox
 from leapmail.mail.headers import filter_fields
 from leapmail.mail.message import load_content, read_range
@@ -32,8 +32,17 @@ async def doc_counts(account):
     })
 
 
+@pytest.fixture(params=["whole", "split"])
+def layout(request, monkeypatch):
+    """Both ways a message is stored: whole in its content document (small ones) and
+    split into skeleton and part documents (what bigger ones get)."""
+    if request.param == "split":
+        monkeypatch.setattr(message_module, "RAW_INLINE_MAX", -1)
+    return request.param
+
+
 @pytest_twisted.ensureDeferred
-async def test_corpus_round_trips_every_section(account):
+async def test_corpus_round_trips_every_section(account, layout):
     messages = corpus()
     assert len(messages) >= 200
     for name, raw in messages:
@@ -66,6 +75,96 @@ async def test_corpus_round_trips_every_section(account):
     view.close()
 
 
+def _format_1(raw, keyed_id):
+    """The documents format 1 wrote for ``raw``: ``(content_id, content, {part_id: part})``.
+
+    Format 1 split every message and decoded everything at once; stores written
+    then must stay readable.
+    """
+    from leapmail.mail import codec
+    from leapmail.mail.bodystructure import bodystructure
+    from leapmail.mail.envelope import envelope
+    from leapmail.mail.headers import first_value, split_fields
+    from leapmail.mail.message import _sent, encode_tree
+
+    root = mime.parse(raw, dovecot_line_ends=True)
+    leaves = mime.leaves(root)
+    bodies = [raw[leaf.body_start:leaf.end] for leaf in leaves]
+    ids = [keyed_id("part", body) for body in bodies]
+    header = raw[root.start:root.body_start]
+    content = codec.dumps({
+        "format": 1, "size": len(raw), "tree": encode_tree(root),
+        "skeleton": mime.skeleton(raw, root), "parts": ids,
+        "part_sizes": [len(body) for body in bodies], "envelope": envelope(header),
+        "bodystructure": bodystructure(raw, root, canonical_plain=True),
+        **_sent(first_value(split_fields(header), "date")),
+    })
+    parts = {i: codec.dumps({"size": len(body), "data": body}) for i, body in zip(ids, bodies)}
+    return keyed_id("message", raw), content, parts
+
+
+@pytest_twisted.ensureDeferred
+async def test_format_1_documents_are_still_read(account):
+    from leapmail.mail import codec
+    from leapmail.mail.bodystructure import bodystructure
+    from leapmail.mail.envelope import envelope
+    from leapmail.mail.schema import MESSAGE_KIND, PART_KIND
+
+    messages = corpus()[:80]
+    written = [_format_1(raw, account.keyed_id) for _, raw in messages]
+
+    def write(txn):
+        for content_id, content, parts in written:
+            for part_id, part in parts.items():
+                if txn.get(part_id) is None:
+                    txn.put(part_id, PART_KIND, part)
+            if txn.get(content_id) is None:
+                txn.put(content_id, MESSAGE_KIND, content)
+
+    await account.store.transact(write)
+    for (name, raw), (content_id, _, _) in zip(messages, written):
+        root = mime.parse(raw, dovecot_line_ends=True)
+        wanted = [(p, part) for p in _paths(root) for part in (None, "HEADER", "TEXT", "MIME")]
+
+        def read_all(q):
+            content = load_content(q, content_id)
+            return content, [None if rng is None else read_range(q, content, *rng)
+                             for rng in (content.section_range(*w) for w in wanted)]
+
+        content, got = await account.store.read(read_all)
+        assert content.raw is None and content.size == len(raw), name
+        for (path, part), data in zip(wanted, got):
+            rng = mime.section_range(raw, root, path, part)
+            assert data == (None if rng is None else raw[rng[0]:rng[1]]), (name, path, part)
+        # As stored: CBOR gives lists for tuples.
+        assert content.envelope == codec.loads(codec.dumps(
+            envelope(raw[root.start:root.body_start]))), name
+        assert content.bodystructure == codec.loads(codec.dumps(
+            bodystructure(raw, root, canonical_plain=True))), name
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_messages_are_one_document_big_ones_are_split(account):
+    small = b"Subject: small\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\nhi\r\n--x--\r\n"
+    big = small.replace(b"hi", b"y" * message_module.RAW_INLINE_MAX)
+    await account.append("INBOX", small)
+    assert await doc_counts(account) == {"mailbox": 6, "subscription": 5, "flags": 1,
+                                         "message": 1}
+    await account.append("INBOX", big)
+    counts = await doc_counts(account)
+    assert (counts["message"], counts["part"]) == (2, 1)
+    view = await account.select("INBOX")
+    try:
+        for uid, raw in ((1, small), (2, big)):
+            _, content = await content_of(account, view, uid)
+            assert (content.raw is not None) == (raw is small)
+            assert await section(account, content) == raw
+            assert await section(account, content, (1,)) == raw[raw.index(b"\r\n\r\n", 60) + 4:
+                                                               raw.index(b"\r\n--x--")]
+    finally:
+        view.close()
+
+
 def _paths(root, limit=40):
     """Section paths of a tree, IMAP numbering, bounded so deep corpora stay fast."""
     out, stack = [()], [((), root)]
@@ -81,13 +180,32 @@ def _paths(root, limit=40):
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=st.binary(max_size=3000) | st.lists(st.sampled_from(
+ANY_BYTES = st.binary(max_size=3000) | st.lists(st.sampled_from(
     [b"--b\r\n", b"--b--\r\n", b"\r\n", b"\n", b"Content-Type: multipart/mixed; boundary=b\r\n",
      b"Content-Type: message/rfc822\r\n", b"Subject: x\r\n", b"body\r\n", b"\x00", b"\xff"]),
-    max_size=40).map(b"".join))
+    max_size=40).map(b"".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=ANY_BYTES)
 @pytest_twisted.ensureDeferred
 async def test_any_bytes_come_back_identical(account, raw):
+    await _round_trip(account, raw)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=ANY_BYTES)
+@pytest_twisted.ensureDeferred
+async def test_any_bytes_come_back_identical_when_split(account, raw):
+    # Not the monkeypatch fixture: hypothesis runs many examples per test call.
+    saved, message_module.RAW_INLINE_MAX = message_module.RAW_INLINE_MAX, -1
+    try:
+        await _round_trip(account, raw)
+    finally:
+        message_module.RAW_INLINE_MAX = saved
+
+
+async def _round_trip(account, raw):
     _, uid = await account.append("INBOX", raw)
     view = await account.select("INBOX")
     try:

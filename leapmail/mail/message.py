@@ -5,6 +5,12 @@ a leaf body, plus ENVELOPE, BODYSTRUCTURE and the entity tree, all computed once
 here) and one *part* document per distinct leaf body.  Part ids are keyed hashes of
 the body bytes, so identical attachments are stored once however many messages carry
 them.  Bodies larger than :data:`PART_INLINE_MAX` live in chunked blobs.
+
+A message of at most :data:`RAW_INLINE_MAX` bytes is not split: its content document
+holds the raw bytes themselves and it has no part documents, so reading it is one
+lookup (format 2).  ENVELOPE, BODYSTRUCTURE and the tree are kept as one embedded
+CBOR item, decoded only when asked for: ``BODY[]`` never pays for them.  Documents
+of format 1 (always split, everything decoded at once) are still read.
 """
 
 import bisect
@@ -19,7 +25,9 @@ from leapmail.mail.schema import MESSAGE_KIND, PART_KIND
 from leapmail.store import BlobExists, blobs
 
 PART_INLINE_MAX = 256 * 1024
-FORMAT = 1
+#: Messages up to this size are stored whole in their content document.
+RAW_INLINE_MAX = 16 * 1024
+FORMAT = 2
 
 
 @dataclass
@@ -35,34 +43,35 @@ class Prepared:
 def prepare(raw, keyed_id):
     """Parse once and compute everything later reads need.  CPU only: run off-reactor."""
     raw = bytes(raw)
-    view = memoryview(raw)
     # Dovecot's placement of a line end before a boundary that cuts a header short
     # (see leapmail.mail.mime): what IMAP clients are compared against.
     root = mime.parse(raw, dovecot_line_ends=True)
-    leaves = mime.leaves(root)
-    part_ids, parts, seen = [], [], set()
-    for leaf in leaves:
-        body = view[leaf.body_start:leaf.end]
-        part_id = keyed_id("part", body)
-        part_ids.append(part_id)
-        if part_id not in seen:
-            seen.add(part_id)
-            parts.append((part_id, body))
     header_block = raw[root.start:root.body_start]
     date = first_value(split_fields(header_block), "date")
-    document = {
-        "format": FORMAT,
-        "size": len(raw),
+    described = codec.dumps({
         "tree": encode_tree(root),
-        "skeleton": mime.skeleton(raw, root),
-        "parts": part_ids,
-        "part_sizes": [leaf.end - leaf.body_start for leaf in leaves],
         "envelope": envelope(header_block),
         # As Dovecot reports mail it stored itself (APPEND, delivery): the default
         # text/plain part in canonical spelling.
         "bodystructure": bodystructure(raw, root, canonical_plain=True),
-        **_sent(date),
-    }
+    })
+    document = {"format": FORMAT, "size": len(raw), "described": described, **_sent(date)}
+    parts = []
+    if len(raw) <= RAW_INLINE_MAX:
+        document.update(raw=raw, parts=[])
+    else:
+        view = memoryview(raw)
+        leaves = mime.leaves(root)
+        part_ids, seen = [], set()
+        for leaf in leaves:
+            body = view[leaf.body_start:leaf.end]
+            part_id = keyed_id("part", body)
+            part_ids.append(part_id)
+            if part_id not in seen:
+                seen.add(part_id)
+                parts.append((part_id, body))
+        document.update(skeleton=mime.skeleton(raw, root), parts=part_ids,
+                        part_sizes=[leaf.end - leaf.body_start for leaf in leaves])
     return Prepared(keyed_id("message", raw), codec.dumps(document), parts, len(raw))
 
 
@@ -160,23 +169,49 @@ def delete_part(txn, part_id):
 
 
 class Content:
-    """A content document, decoded: what FETCH needs without touching the parts."""
+    """A content document, decoded: what FETCH needs without touching the parts.
+
+    ``raw`` is the whole message when the document holds it (format 2, small
+    messages), else None.
+    """
+
+    __slots__ = ("id", "size", "sent_date", "raw", "_value", "_tree", "_offsets",
+                 "_pieces", "_leaf_starts")
 
     def __init__(self, doc_id, value):
         self.id = doc_id
         self.size = value["size"]
-        self.envelope = value["envelope"]
-        self.bodystructure = value["bodystructure"]
         self.sent_date = value.get("sent_date")
+        self.raw = value.get("raw")
         self._value = value
         self._tree = None
         self._offsets = None
         self._leaf_starts = None
 
+    def _described(self, name):
+        value = self._value
+        if name not in value:
+            # Format 2: decoded at the first use (BODY[] never needs it).
+            value.update(codec.loads(value.pop("described")))
+        return value[name]
+
+    @property
+    def envelope(self):
+        return self._described("envelope")
+
+    @property
+    def bodystructure(self):
+        return self._described("bodystructure")
+
+    @property
+    def part_ids(self):
+        """The ids of the part documents this message needs (none when it is whole)."""
+        return self._value["parts"]
+
     @property
     def tree(self):
         if self._tree is None:
-            self._tree = decode_tree(self._value["tree"])
+            self._tree = decode_tree(self._described("tree"))
         return self._tree
 
     def segments(self, start=0):
@@ -185,6 +220,9 @@ class Content:
         Offsets are computed once per content; a range read finds its first segment by
         bisection, so reading a small section of a 10,000-part message stays cheap.
         """
+        if self.raw is not None:
+            yield (0, self.size, self.raw)
+            return
         if self._offsets is None:
             offsets, pieces, offset = [], [], 0
             for segment in self._value["skeleton"]:
@@ -203,6 +241,9 @@ class Content:
 
     def leaf_at(self, offset):
         """The index (in ``mime.leaves`` order) of the leaf whose body starts at ``offset``."""
+        if self._leaf_starts is None and self.raw is not None:
+            self._leaf_starts = {leaf.body_start: i
+                                 for i, leaf in enumerate(mime.leaves(self.tree))}
         if self._leaf_starts is None:
             self._leaf_starts = {}
             position = 0
@@ -247,6 +288,8 @@ def load_contents(queries, content_ids):
 def _whole(content, parts):
     """The whole message from skeleton and preloaded inline parts (BODY[], the most
     common read) without the offset bookkeeping; None if a part is not at hand."""
+    if content.raw is not None:
+        return content.raw
     value = content._value
     ids = value["parts"]
     out = []
@@ -285,7 +328,7 @@ def load_parts(queries, contents, max_size):
     wanted = set()
     for content in contents:
         if content.size <= max_size:
-            wanted.update(content._value["parts"])
+            wanted.update(content.part_ids)
     return {doc_id: codec.loads(doc.content)
             for doc_id, doc in queries.get_many(wanted).items()}
 
@@ -293,6 +336,8 @@ def load_parts(queries, contents, max_size):
 def read_range(queries, content, start, end, parts=None):
     """Bytes ``[start, end)`` of the original message, from skeleton and parts
     (``parts``: decoded part documents already at hand, by id)."""
+    if content.raw is not None:
+        return content.raw[start:end]
     if start == 0 and end == content.size and parts is not None:
         whole = _whole(content, parts)
         if whole is not None:
