@@ -17,8 +17,9 @@ def test_wheel_installs_the_twistd_plugin(tmp_path):
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "twisted/plugins/leapmail_plugin.py" in names
-    # Only our plugin module: never an __init__.py that would shadow Twisted's package.
-    assert [n for n in names if n.startswith("twisted/")] == ["twisted/plugins/leapmail_plugin.py"]
+    # Only our plugin modules: never an __init__.py that would shadow Twisted's package.
+    assert sorted(n for n in names if n.startswith("twisted/")) == [
+        "twisted/plugins/leapmail_plugin.py", "twisted/plugins/leapmail_provider_plugin.py"]
     assert "leapmail/store/store.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert b"leapmail = leapmail.cli:main" in zipfile.ZipFile(tmp_path / wheel).read(entry_points)

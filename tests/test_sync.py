@@ -114,7 +114,9 @@ def by_subject(daemon, mailbox):
     """``{subject: flags}`` of a mailbox."""
     client = connect(daemon)
     try:
-        client.select(mailbox)
+        _, [count] = client.select(mailbox)
+        if count == b"0":
+            return {}
         _, data = client.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         out = {}
         for item in data:

@@ -172,8 +172,8 @@ class ProviderClient:
             return value
         code = value.get("error")
         message = value.get("message") or f"HTTP {response.code}"
-        if response.code == 409 and code == "conflict":
-            conflicts = value.get("conflicts")
+        if response.code == 409 and code == "conflict" and "conflicts" in value:
+            conflicts = value["conflicts"]
             if not isinstance(conflicts, list):
                 raise ProviderError("the provider's conflict answer is malformed", 409)
             raise Conflict(conflicts)
