@@ -45,10 +45,11 @@ def run_helper(name, *args, check=True, env=None, **kw):
 
 @pytest_twisted.async_yield_fixture
 async def account(db_path, key):
+    from leapmail.home import COMPONENTS
     from leapmail.mail.account import Account
-    from leapmail.mail.schema import MAIL
 
-    s = Store.open(db_path, key, [MAIL], create=True)
+    # An account's store as leapmail.home makes it: the mail core and sync.
+    s = Store.open(db_path, key, COMPONENTS, create=True)
     acct = Account(s, os.urandom(32))
     await acct.setup()
     yield acct

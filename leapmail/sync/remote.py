@@ -123,7 +123,7 @@ class ProviderClient:
         """Cancel what is in flight and drop idle connections."""
         for d in list(self._inflight):
             d.cancel()
-        return self._pool.closeCachedConnections()
+        return defer.maybeDeferred(self._pool.closeCachedConnections)
 
     async def _request(self, method, path, body=None, auth=True, timeout=None):
         headers = {b"Accept": [b"application/json"], b"User-Agent": [b"leapmail"]}
@@ -135,29 +135,38 @@ class ProviderClient:
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
             producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
-        d = self._agent.request(method, (self.url + path).encode("ascii"), Headers(headers),
-                                producer)
-        limit = (timeout or self._timeout)
-        timer = self._reactor.callLater(limit, d.cancel)
-        self._inflight.add(d)
+        limit = timeout or self._timeout
+        current = self._agent.request(method, (self.url + path).encode("ascii"),
+                                      Headers(headers), producer)
+        timed_out = []
+
+        def expire():
+            timed_out.append(True)
+            current.cancel()
+
+        timer = self._reactor.callLater(limit, expire)
+        self._inflight.add(current)
         try:
-            response = await d
-            finished = defer.Deferred()
-            response.deliverBody(_Collect(finished, MAX_RESPONSE))
-            self._inflight.discard(d)
-            d = finished
-            self._inflight.add(d)
-            data = await d
-        except defer.CancelledError:
-            if timer.active():
-                raise
-            raise Unreachable(f"the provider did not answer within {limit:g} s") from None
-        except ProviderError:
-            raise
+            response = await current
+            self._inflight.discard(current)
+            collect = _Collect(None, MAX_RESPONSE)
+            # Cancelling (timeout, close) drops the connection mid-answer.
+            current = collect.finished = defer.Deferred(
+                lambda _: collect.transport.stopProducing())
+            self._inflight.add(current)
+            response.deliverBody(collect)
+            data = await current
         except Exception as e:
+            if timed_out:
+                raise Unreachable(f"the provider did not answer within {limit:g} s") from None
+            if isinstance(e, (ProviderError, defer.CancelledError)):
+                raise
+            if all(r.check(defer.CancelledError) for r in getattr(e, "reasons", ()) or [None]
+                   if r is not None):
+                raise defer.CancelledError() from None
             raise Unreachable(f"cannot reach the provider at {self.url}: {_reason(e)}") from None
         finally:
-            self._inflight.discard(d)
+            self._inflight.discard(current)
             if timer.active():
                 timer.cancel()
         try:
