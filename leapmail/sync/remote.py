@@ -161,9 +161,9 @@ class ProviderClient:
                 raise Unreachable(f"the provider did not answer within {limit:g} s") from None
             if isinstance(e, (ProviderError, defer.CancelledError)):
                 raise
-            if all(r.check(defer.CancelledError) for r in getattr(e, "reasons", ()) or [None]
-                   if r is not None):
-                raise defer.CancelledError() from None
+            reasons = getattr(e, "reasons", None)
+            if reasons and all(r.check(defer.CancelledError) for r in reasons):
+                raise defer.CancelledError() from None  # close() while connecting
             raise Unreachable(f"cannot reach the provider at {self.url}: {_reason(e)}") from None
         finally:
             self._inflight.discard(current)
