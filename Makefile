@@ -14,6 +14,8 @@ RUN_HOME ?= .run/demo
 RUN_PASSPHRASE ?= leapmail-demo
 RUN_IMAP_PORT ?= 1984
 RUN_SMTP_PORT ?= 2013
+RUN_PROVIDER_HOME ?= .run/provider
+RUN_PROVIDER_PORT ?= 4430
 
 .PHONY: all test run bench docs clean debs
 
@@ -43,27 +45,9 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
 run: $(STAMP)
-	@mkdir -p $(dir $(RUN_HOME))
-	@test -f $(RUN_HOME)/secrets.json || LEAPMAIL_PASSPHRASE='$(RUN_PASSPHRASE)' \
-	    $(BIN)/leapmail init --home $(RUN_HOME) --address demo@localhost
-	@# The demo's password is shown on purpose: this account exists to be tried out.
-	@creds="$$(LEAPMAIL_PASSPHRASE='$(RUN_PASSPHRASE)' $(BIN)/leapmail --home $(RUN_HOME) credentials)" \
-	    || exit 1; \
-	echo "account home: $(RUN_HOME)   passphrase: $(RUN_PASSPHRASE)"; \
-	echo; \
-	echo "In Thunderbird (Account Settings > Account Actions > Add Mail Account >"; \
-	echo "Configure manually), or any IMAP client:"; \
-	echo "  Incoming: IMAP   server 127.0.0.1   port $(RUN_IMAP_PORT)"; \
-	echo "            connection security: STARTTLS (the certificate is self-signed:"; \
-	echo "            accept the exception Thunderbird offers), or None"; \
-	echo "            authentication: Normal password"; \
-	echo "  Outgoing: SMTP   server 127.0.0.1   port $(RUN_SMTP_PORT)   -- not available yet:"; \
-	echo "            the SMTP server is a later issue; nothing answers on that port today"; \
-	echo "$$creds" | sed 's/^/  /'; \
-	echo; \
-	echo "The daemon is ready when it logs 'IMAP listening on'; Ctrl-C stops it."
-	LEAPMAIL_PASSPHRASE='$(RUN_PASSPHRASE)' $(BIN)/twistd -n --pidfile= leapmail --home $(RUN_HOME) \
-	    --imap-port $(RUN_IMAP_PORT) --smtp-port $(RUN_SMTP_PORT)
+	@RUN_HOME='$(RUN_HOME)' RUN_PASSPHRASE='$(RUN_PASSPHRASE)' RUN_IMAP_PORT='$(RUN_IMAP_PORT)' \
+	    RUN_SMTP_PORT='$(RUN_SMTP_PORT)' RUN_PROVIDER_HOME='$(RUN_PROVIDER_HOME)' \
+	    RUN_PROVIDER_PORT='$(RUN_PROVIDER_PORT)' BIN='$(BIN)' tools/run-demo
 
 clean:
 	rm -rf $(VENV) docs/_build .run .pytest_cache build *.egg-info
