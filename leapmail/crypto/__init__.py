@@ -1,4 +1,4 @@
-"""Key derivation and the secrets bundle (per-document AEAD and sealed boxes come later)."""
+"""Key derivation, the secrets bundle, and the sync wire format (:mod:`.wire`)."""
 
 from leapmail.crypto.bundle import (
     BundleCorrupted,

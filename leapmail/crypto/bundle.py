@@ -56,8 +56,8 @@ class BundleCorrupted(BundleError):
 class SecretsBundle:
     """The keys of one account.
 
-    ``storage_key`` keys the local SQLCipher database (and, later, derives the
-    per-document keys of the sync wire format).  ``id_key`` keys the HMACs that name
+    ``storage_key`` keys the local SQLCipher database and derives the keys of the
+    sync wire format (:mod:`leapmail.crypto.wire`).  ``id_key`` keys the HMACs that name
     content documents, so ids never reveal a bare content hash.  ``keypairs`` holds the
     key pairs later features add (incoming mail), by name, as base64 strings.
     ``client_password`` is what local mail clients give the IMAP and SMTP servers; it
