@@ -285,3 +285,24 @@ def provider_bytes(provider, postgres):
     database = provider.database.rsplit("/", 1)[1]
     return postgres._run("pg_dump", "-h", postgres.dir, "-p", str(postgres.port),
                          database).stdout
+
+
+def test_mail_appended_on_one_device_reaches_an_idle_client_on_the_other(devices):
+    one, two = devices
+    wait_same(one, two, lambda s: "INBOX" in s)
+    watcher = connect(two)
+    watcher.select("INBOX")
+    watcher.send(b"I1 IDLE\r\n")
+    assert watcher.readline().startswith(b"+ ")
+    watcher.sock.settimeout(DEADLINE)
+    started = time.monotonic()
+    append(one, "INBOX", [note("pushed")])
+    line = watcher.readline()
+    elapsed = time.monotonic() - started
+    assert line == b"* 1 EXISTS\r\n"
+    assert watcher.readline() == b"* 1 RECENT\r\n"
+    # A long poll, not a timer: well under the 25 s the poll waits.
+    assert elapsed < 5, elapsed
+    watcher.send(b"DONE\r\n")
+    assert watcher.readline().startswith(b"I1 OK")
+    watcher.logout()
