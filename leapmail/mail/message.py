@@ -280,9 +280,9 @@ def load_content(queries, content_id):
 
 def load_contents(queries, content_ids):
     """:class:`Content` s by id (one query per 500): the batched :func:`load_content`."""
-    docs = queries.get_many(set(content_ids))
-    return {doc_id: Content(doc_id, codec.loads(doc.content))
-            for doc_id, doc in docs.items() if doc.kind == MESSAGE_KIND}
+    loads = codec.loads
+    return {doc_id: Content(doc_id, loads(data))
+            for doc_id, data in queries.contents_of(set(content_ids), MESSAGE_KIND).items()}
 
 
 def _whole(content, parts):
@@ -329,8 +329,8 @@ def load_parts(queries, contents, max_size):
     for content in contents:
         if content.size <= max_size:
             wanted.update(content.part_ids)
-    return {doc_id: codec.loads(doc.content)
-            for doc_id, doc in queries.get_many(wanted).items()}
+    return {doc_id: codec.loads(data)
+            for doc_id, data in queries.contents_of(wanted, PART_KIND).items()}
 
 
 def read_range(queries, content, start, end, parts=None):

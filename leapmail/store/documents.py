@@ -68,6 +68,22 @@ class Queries:
                     found[row[0]] = Document._from_row(row)
         return found
 
+    def contents_of(self, doc_ids, kind):
+        """``{id: content}`` of the live documents of ``kind`` among ``doc_ids``.
+
+        What :meth:`get_many` reads, less: no :class:`Document` per row, for read paths
+        that go through thousands of documents a second (message bodies).
+        """
+        found = {}
+        ids = list(doc_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(self.conn.execute(
+                f"SELECT id, content FROM documents WHERE id IN ({marks}) AND kind = ? "
+                "AND deleted = 0", (*chunk, kind)))
+        return found
+
     def changes_since(self, generation, limit=1000):
         """Documents (tombstones included) written after ``generation``, oldest first."""
         return [
