@@ -125,7 +125,7 @@ def main():
         if args.profile:
             spy = subprocess.Popen(  # NATIVE=1 in the environment: with C frames
                 [os.path.join(ROOT, ".venv", "bin", "py-spy"), "record", "-o", args.profile,
-                 "--pid", str(variants[0].daemon.pid), "--threads", "--rate", "1000"] + (["--native"] if os.environ.get("NATIVE") else [])
+                 "--pid", str(variants[0].daemon.pid), "--threads", "--rate", "1000"] + (["--native"] if os.environ.get("NATIVE") else []) + (["--gil"] if os.environ.get("GIL") else [])
                 + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)

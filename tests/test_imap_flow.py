@@ -92,3 +92,47 @@ async def test_vanished_comes_before_fetches_numbered_after_it(imap_server):
     lines = await in_thread(client)
     assert [line.split(b" FLAGS")[0] for line in lines] == [
         b"* 2 FETCH (UID 2", b"* VANISHED 2\r\n", b"* 2 FETCH (UID 3", b"n OK NOOP completed\r\n"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_of_contents_beyond_one_reads_budget_comes_whole_and_in_order(
+        imap_server, monkeypatch):
+    from leapmail.imap import fetch as fetchlib
+
+    # Small reads, so that they stop at the byte budget, small and big messages mixed
+    # (whole documents, split ones, streamed ones).
+    monkeypatch.setattr(fetchlib, "CONTENT_BATCH", 7)
+    monkeypatch.setattr(fetchlib, "CONTENT_BATCH_BYTES", 40_000)
+    cuts = []
+    within = fetchlib.within_budget
+
+    def observed(metas, budget=None):
+        keep = within(metas, budget)
+        cuts.append((keep, len(metas)))
+        return keep
+
+    monkeypatch.setattr(fetchlib, "within_budget", observed)
+    sizes = [3_000, 12_000, 30_000, 300_000, 500, 20_000, 9_000, 70_000] * 4
+    messages = [b"Subject: %d\r\n\r\n" % i + bytes([97 + i % 26]) * size + b"\r\n"
+                for i, size in enumerate(sizes)]
+
+    def client():
+        c = imap_server.raw()
+        for i, raw in enumerate(messages):
+            c.command(b"a%d" % i, b"APPEND INBOX {%d+}\r\n" % len(raw) + raw)
+        c.command(b"s", b"SELECT INBOX")
+        everything = c.response(b"f1", b"UID FETCH 1:* (UID BODY.PEEK[])")
+        some = c.response(b"f2", b"FETCH 2,5:9,13,20:* (BODY.PEEK[])")
+        c.close()
+        return everything, some
+
+    everything, some = await in_thread(client)
+    expected = b"".join(b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (i + 1, i + 1, len(raw), raw)
+                        for i, raw in enumerate(messages))
+    assert everything == expected + b"f1 OK Fetch completed\r\n"
+    wanted = [2, *range(5, 10), 13, *range(20, len(messages) + 1)]
+    assert some == b"".join(
+        b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (n, n, len(messages[n - 1]),
+                                                        messages[n - 1])
+        for n in wanted) + b"f2 OK Fetch completed\r\n"
+    assert any(keep < total for keep, total in cuts)  # reads did stop at the budget

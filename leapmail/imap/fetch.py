@@ -2,8 +2,9 @@
 
 Responses are built per batch of messages in one store read (a reader thread), so a
 ``UID FETCH 1:*`` over 100,000 messages is a few hundred short jobs, never one huge
-one.  Sections larger than :data:`STREAM_THRESHOLD` are not read there: the server
-streams them afterwards, piece by piece, with back-pressure.
+one; a batch of message contents also stops at :data:`CONTENT_BATCH_BYTES`.  Sections
+larger than :data:`STREAM_THRESHOLD` are not read there: the server streams them
+afterwards, piece by piece, with back-pressure.
 """
 
 import datetime
@@ -16,6 +17,10 @@ from leapmail.mail.message import load_contents, load_parts, read_range
 
 #: Sections up to this size are read with the batch; bigger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024
+#: A FETCH of message contents reads up to this many messages at once…
+CONTENT_BATCH = 300
+#: …and stops early once their sizes add up to more than this.
+CONTENT_BATCH_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,19 @@ def wire_bytes(data):
     literal (CHAR8 is %x01-ff), so NUL goes out as 0x80, as Dovecot sends it.  The
     length does not change; BINARY would be the way to get NULs through."""
     return data.replace(b"\0", b"\x80") if b"\0" in data else data
+
+
+def within_budget(metas, budget=None):
+    """How many of ``metas`` (at least one) a read of their contents takes on: as many
+    as fit in ``budget`` bytes, a message over :data:`STREAM_THRESHOLD` counting as
+    that much (the rest of it is streamed).  Bounds what one read holds in memory."""
+    budget = CONTENT_BATCH_BYTES if budget is None else budget
+    total = 0
+    for i, meta in enumerate(metas):
+        total += min(meta.size, STREAM_THRESHOLD)
+        if total > budget and i:
+            return i
+    return len(metas)
 
 
 def render_batch(queries, metas, seqs, items, recent, condstore, want_content,

@@ -16,6 +16,7 @@ server:
 
 import base64
 import binascii
+import bisect
 import hmac
 import ipaddress
 from collections import deque
@@ -1051,24 +1052,42 @@ class LeapIMAPServer(imap4.IMAP4Server):
         recent = set(view.recent)
         seq_of = view.seq_of
 
+        # Metadata and headers: two batches in flight, so both reader threads work
+        # while we write.  Message contents: one read at a time (two readers of bodies
+        # contend for the GIL and are slower together than one alone), of up to
+        # CONTENT_BATCH messages and CONTENT_BATCH_BYTES, written while the next is read.
+        if with_header or not want_content:
+            size, ahead = FETCH_BATCH, 2
+        else:
+            size, ahead = fetchlib.CONTENT_BATCH, 1
+
         def job(queries, batch):
             metas = read_meta(queries, mailbox_id, batch, with_header)
+            left = 0
+            if ahead == 1:
+                keep = fetchlib.within_budget(metas)
+                if keep < len(metas):
+                    left = len(batch) - bisect.bisect_right(batch, metas[keep - 1].uid)
+                    metas = metas[:keep]
             return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
                                          recent, condstore, want_content, newly_seen,
-                                         with_header)
+                                         with_header), left
 
-        # Two batches in flight, so both reader threads work (SQLCipher decrypts
-        # without holding the GIL) while we write.  Message bodies come in smaller
-        # batches: each is more work, and a short first batch starts the output sooner.
-        size = FETCH_BATCH if with_header or not want_content else 50
-        batches = [uids[i:i + size] for i in range(0, len(uids), size)]
-        pending = deque(store.read(job, batch) for batch in batches[:2])
-        following = 2
+        position = 0
+        pending = deque()
+
+        def read_ahead():
+            nonlocal position
+            while position < len(uids) and len(pending) < ahead:
+                batch = uids[position:position + size]
+                position += len(batch)
+                pending.append(store.read(job, batch))
+
+        read_ahead()
         while pending:
-            responses = await pending.popleft()
-            if following < len(batches):
-                pending.append(store.read(job, batches[following]))
-                following += 1
+            responses, left = await pending.popleft()
+            position -= left  # only with one read at a time: nothing was read past it
+            read_ahead()
             # One write per batch: the transport's cost is per write, not per byte.
             out = []
             for pieces in responses:
