@@ -211,7 +211,7 @@ def test_concurrent_changes_while_apart_are_all_kept(provider, devices):
         assert by_subject(daemon, "Both") == {"from-one": [], "from-two": []}
 
 
-def test_a_provider_killed_during_a_big_sync_loses_nothing(provider, tmp_path):
+def test_a_provider_and_a_device_killed_during_a_big_sync_lose_nothing(provider, tmp_path):
     rng = random.Random(5)
     one = first_device(provider, str(tmp_path / "one")).start()
     try:
@@ -230,6 +230,10 @@ def test_a_provider_killed_during_a_big_sync_loses_nothing(provider, tmp_path):
                 time.sleep(rng.uniform(0.2, 1.0))
                 provider.kill()
                 provider.start()
+            # And the second device itself, as a crash: it resumes where it was.
+            time.sleep(rng.uniform(0.1, 0.5))
+            two.kill()
+            two.start()
             final = wait_same(one, two, lambda s: len(s["INBOX"]) == 2000, deadline=180)
             assert sorted(h for h, _ in final["INBOX"]) == sorted(
                 hashlib.sha256(raw).hexdigest() for raw in batch)
