@@ -11,7 +11,7 @@ from base64 import b64decode, b64encode
 from io import BytesIO
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import (
     Agent,
@@ -32,6 +32,9 @@ _HTTP11ClientFactory.noisy = False
 #: The most a response may hold: a changes batch is about 8 MiB of documents, which
 #: base64 and JSON make about 11 MiB.
 MAX_RESPONSE = 48 * 1024 * 1024
+#: Bodies and answers larger than this are encoded and parsed on a thread, not on
+#: the reactor (an 8 MiB batch takes tens of milliseconds).
+ON_REACTOR = 64 * 1024
 
 
 class ProviderError(LeapmailError):
@@ -125,7 +128,17 @@ class ProviderClient:
             d.cancel()
         return defer.maybeDeferred(self._pool.closeCachedConnections)
 
-    async def _request(self, method, path, body=None, auth=True, timeout=None):
+    def _thread(self, fn, *args):
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         fn, *args)
+
+    async def _request(self, method, path, body=None, auth=True, timeout=None, convert=None):
+        """``convert(value)`` of the JSON object of a successful answer (else the value).
+
+        ``body`` is a JSON value, or a callable that makes one.  A body or an answer of
+        more than :data:`ON_REACTOR` bytes is encoded or parsed (and converted) on a
+        thread: a batch of documents is megabytes of JSON and base64.
+        """
         headers = {b"Accept": [b"application/json"], b"User-Agent": [b"leapmail"]}
         if auth:
             if not self.token:
@@ -134,7 +147,11 @@ class ProviderClient:
         producer = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
-            producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
+            if callable(body):
+                encoded = await self._thread(_encode, body)
+            else:
+                encoded = _encode(body)
+            producer = FileBodyProducer(BytesIO(encoded))
         limit = timeout or self._timeout
         current = self._agent.request(method, (self.url + path).encode("ascii"),
                                       Headers(headers), producer)
@@ -169,16 +186,12 @@ class ProviderClient:
             self._inflight.discard(current)
             if timer.active():
                 timer.cancel()
-        try:
-            value = json.loads(data) if data else {}
-            if not isinstance(value, dict):
-                raise ValueError
-        except ValueError:
-            raise ProviderError(
-                f"the provider answered {method.decode()} {path.split('?')[0]} with "
-                f"HTTP {response.code} and no valid JSON", response.code) from None
+        what = (method, path, response.code)
         if 200 <= response.code < 300:
-            return value
+            if len(data) > ON_REACTOR:
+                return await self._thread(_parse, data, what, convert)
+            return _parse(data, what, convert)
+        value = _parse(data, what)
         code = value.get("error")
         message = value.get("message") or f"HTTP {response.code}"
         if response.code == 409 and code == "conflict" and "conflicts" in value:
@@ -222,25 +235,53 @@ class ProviderClient:
 
     async def push(self, docs):
         """``docs``: ``[(wire_id, base_rev, data)]``; returns ``(seq, [rev, ...])``."""
-        value = await self._request(b"POST", "/v1/docs", {"docs": [
-            {"id": wid, "base": base, "data": b64encode(data).decode("ascii")}
-            for wid, base, data in docs
-        ]})
+        def body():
+            return {"docs": [{"id": wid, "base": base, "data": b64encode(data).decode("ascii")}
+                             for wid, base, data in docs]}
+
+        size = sum(len(data) for _, _, data in docs)
+        value = await self._request(b"POST", "/v1/docs",
+                                    body if size > ON_REACTOR else body())
         revs = _field(value, "revs", list)
         if len(revs) != len(docs) or not all(isinstance(r, int) for r in revs):
             raise ProviderError("the provider's push answer is malformed")
         return _field(value, "seq", int), revs
 
     async def get_docs(self, ids):
-        value = await self._request(b"POST", "/v1/docs/get", {"ids": list(ids)})
-        return [_change(c) for c in _field(value, "docs", list)]
+        return await self._request(b"POST", "/v1/docs/get", {"ids": list(ids)},
+                                   convert=_docs)
 
     async def changes(self, since, limit=1000, wait=0):
         query = urlencode({"since": since, "limit": limit, "wait": wait})
-        value = await self._request(b"GET", "/v1/changes?" + query,
-                                    timeout=self._timeout + wait)
-        changes = [_change(c) for c in _field(value, "changes", list)]
-        return changes, _field(value, "seq", int), bool(value.get("more"))
+        return await self._request(b"GET", "/v1/changes?" + query,
+                                   timeout=self._timeout + wait, convert=_changes)
+
+
+def _encode(body):
+    return json.dumps(body() if callable(body) else body).encode("utf-8")
+
+
+def _parse(data, what, convert=None):
+    """The JSON object of an answer, converted; ``what``: method, path, status."""
+    try:
+        value = json.loads(data) if data else {}
+        if not isinstance(value, dict):
+            raise ValueError
+    except ValueError:
+        method, path, status = what
+        raise ProviderError(
+            f"the provider answered {method.decode()} {path.split('?')[0]} with "
+            f"HTTP {status} and no valid JSON", status) from None
+    return convert(value) if convert is not None else value
+
+
+def _docs(value):
+    return [_change(c) for c in _field(value, "docs", list)]
+
+
+def _changes(value):
+    changes = [_change(c) for c in _field(value, "changes", list)]
+    return changes, _field(value, "seq", int), bool(value.get("more"))
 
 
 def _reason(exc):

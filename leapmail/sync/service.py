@@ -104,6 +104,8 @@ class SyncService(service.Service):
                 timer.cancel()
         for sleeper in list(self._sleepers):
             sleeper.cancel()
+        if self.replicator is not None:
+            self.replicator.close()
         if self.client is not None:
             yield self.client.close()
         for d in self._loops + ([self._push_running] if self._push_running else []):
