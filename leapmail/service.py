@@ -8,8 +8,6 @@ services that later releases add under the same parent.
 """
 
 import ipaddress
-import re
-import sys
 
 from twisted.application import service
 from twisted.internet import defer
@@ -25,6 +23,14 @@ from leapmail.mail.account import Account
 from leapmail.passphrase import read_passphrase
 from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
+from leapmail.twistd import (
+    StartError,
+    host_port,
+    listen_failure,
+    parse_address,
+    parse_port,
+    report_start_errors,
+)
 
 DEFAULT_IMAP_PORT = 1984
 DEFAULT_SMTP_PORT = 2013
@@ -34,10 +40,6 @@ DEFAULT_LISTEN = "127.0.0.1"
 #: How long open IMAP connections get to close by themselves at shutdown before they
 #: are cut, so that a stuck client cannot hold the store open.
 CLOSE_GRACE_SECONDS = 2.0
-
-
-class StartError(LeapmailError):
-    """The daemon cannot start; the message is the whole story, for one line on stderr."""
 
 
 class Options(usage.Options):
@@ -63,29 +65,6 @@ class Options(usage.Options):
         for name in ("imap-port", "smtp-port"):
             self[name] = parse_port(name, self[name])
         self["listen"] = parse_address(self["listen"])
-
-
-def parse_port(name, value):
-    """``value`` as a port number 0..65535, else a :class:`usage.UsageError`."""
-    text = str(value)
-    # int() alone would also take " 1984", "+1984", "1_984" and non-ASCII digits.
-    if re.fullmatch(r"[0-9]{1,5}", text) and int(text) <= 65535:
-        return int(text)
-    raise usage.UsageError(f"--{name} must be a port number from 0 to 65535, not {text!r}")
-
-
-def parse_address(value):
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise usage.UsageError(
-            f"--listen must be an IP address such as 127.0.0.1 or ::1, not {value!r}"
-        ) from None
-
-
-def host_port(host, port):
-    """``HOST:PORT`` as people write it, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class DaemonService(service.MultiService):
@@ -200,7 +179,7 @@ class IMAPService(service.Service):
                 self.requested_port, self._connections, interface=self.interface
             )
         except CannotListenError as e:
-            message = f"cannot listen on {where}: {_reason(e)}"
+            message = f"cannot listen on {where}: {listen_failure(e)}"
             self.log.error("{message}", message=message)
             raise StartError(message) from None
         service.Service.startService(self)
@@ -296,24 +275,6 @@ class _ConnectionTracker:
             protocol.transport.abortConnection()
 
 
-def _reason(error):
-    cause = getattr(error, "socketError", None)
-    text = getattr(cause, "strerror", None) or str(cause or error)
-    return text[:1].lower() + text[1:]
-
-
-def _print_start_errors(previous):
-    def hook(kind, value, tb):
-        if isinstance(value, StartError):
-            # twistd has redirected sys.stderr into its log by now; the user is on the
-            # real one.
-            print(f"leapmail: {value}", file=sys.__stderr__, flush=True)
-            return
-        previous(kind, value, tb)
-
-    return hook
-
-
 def makeService(options):
     home = Home(options["home"])
     try:
@@ -331,10 +292,7 @@ def makeService(options):
             raise
     except LeapmailError as e:
         raise SystemExit(f"leapmail: {e}") from None
-    # twistd passes a failure in startService (a port in use) on only as an exception:
-    # to its waiting parent when it daemonizes, else as a traceback. Make the latter one
-    # line, like every other error.
-    sys.excepthook = _print_start_errors(sys.excepthook)
+    report_start_errors("leapmail")
     top = DaemonService(smtp_port=options["smtp-port"])
     store_service = StoreService(database, bundle.id_key)
     store_service.setServiceParent(top)

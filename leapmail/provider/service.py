@@ -16,7 +16,6 @@ can share; the URL's password never reaches the log.
 
 import os
 import re
-import sys
 
 from twisted.application import service
 from twisted.internet import defer
@@ -26,6 +25,14 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from leapmail.errors import LeapmailError
+from leapmail.twistd import (
+    StartError,
+    host_port,
+    listen_failure,
+    parse_address,
+    parse_port,
+    report_start_errors,
+)
 
 DEFAULT_PORT = 4430
 DEFAULT_LISTEN = "127.0.0.1"
@@ -33,37 +40,11 @@ DEFAULT_LISTEN = "127.0.0.1"
 THREADS = 8
 
 
-class StartError(LeapmailError):
-    """The provider cannot start; the message is the whole story, for one line."""
-
-
-def parse_port(value):
-    text = str(value)
-    if re.fullmatch(r"[0-9]{1,5}", text) and int(text) <= 65535:
-        return int(text)
-    raise usage.UsageError(f"--port must be a port number from 0 to 65535, not {text!r}")
-
-
-def parse_address(value):
-    import ipaddress
-
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise usage.UsageError(
-            f"--listen must be an IP address such as 127.0.0.1 or ::1, not {value!r}"
-        ) from None
-
-
 def parse_lifetime(value):
     text = str(value)
     if re.fullmatch(r"[0-9]{1,10}", text):
         return int(text)
     raise usage.UsageError(f"--token-lifetime must be a number of seconds, not {text!r}")
-
-
-def host_port(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Options(usage.Options):
@@ -88,7 +69,7 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["home"]:
             raise usage.UsageError("--home DIR is required")
-        self["port"] = parse_port(self["port"])
+        self["port"] = parse_port("port", self["port"])
         self["listen"] = parse_address(self["listen"])
         self["token-lifetime"] = parse_lifetime(self["token-lifetime"])
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
@@ -162,7 +143,7 @@ class ProviderService(service.Service):
                                           interface=self.interface)
         except CannotListenError as e:
             self._shutdown()
-            message = f"cannot listen on {where}: {_reason(e)}"
+            message = f"cannot listen on {where}: {listen_failure(e)}"
             self.log.error("{message}", message=message)
             raise StartError(message) from None
         service.Service.startService(self)
@@ -187,22 +168,6 @@ class ProviderService(service.Service):
         self.storage.close()
 
 
-def _reason(error):
-    cause = getattr(error, "socketError", None)
-    text = getattr(cause, "strerror", None) or str(cause or error)
-    return text[:1].lower() + text[1:]
-
-
-def _print_start_errors(previous):
-    def hook(kind, value, tb):
-        if isinstance(value, StartError):
-            print(f"leapmail-provider: {value}", file=sys.__stderr__, flush=True)
-            return
-        previous(kind, value, tb)
-
-    return hook
-
-
 def makeService(options):
     from leapmail.provider.api import load_secret
     from leapmail.provider.storage import open_storage
@@ -217,6 +182,6 @@ def makeService(options):
     except OSError as e:
         raise SystemExit(f"leapmail-provider: {e.strerror}: {e.filename}") from None
     Logger().info("provider storage: {where}", where=storage.describe())
-    sys.excepthook = _print_start_errors(sys.excepthook)
+    report_start_errors("leapmail-provider")
     return ProviderService(storage, secret, options["listen"], options["port"], tls,
                            options["token-lifetime"])
