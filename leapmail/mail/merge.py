@@ -28,25 +28,23 @@ from leapmail.store.documents import BLOB_KIND
 def merge_flag_values(ours, theirs):
     """Flags document values merged per flag; fields other than flags are ``ours``."""
     stamps_a, stamps_b = ours.get("hlc", {}), theirs.get("hlc", {})
-    spelled = {}
-    for flag in list(theirs["flags"]) + list(ours["flags"]):
-        spelled[flag.lower()] = flag
-    present_a = {f.lower() for f in ours["flags"]}
-    present_b = {f.lower() for f in theirs["flags"]}
+    spelled_a = {f.lower(): f for f in ours["flags"]}
+    spelled_b = {f.lower(): f for f in theirs["flags"]}
     stamps, flags = {}, []
-    for key in sorted(set(stamps_a) | set(stamps_b) | present_a | present_b):
+    for key in sorted(set(stamps_a) | set(stamps_b) | set(spelled_a) | set(spelled_b)):
         sa, sb = stamps_a.get(key, ""), stamps_b.get(key, "")
         if sa > sb:
-            present = key in present_a
+            spelling = spelled_a.get(key)
         elif sb > sa:
-            present = key in present_b
+            spelling = spelled_b.get(key)
         else:
-            present = key in present_a or key in present_b
+            # Both as they were: present if either has it, spelled the same everywhere.
+            spelling = min(filter(None, (spelled_a.get(key), spelled_b.get(key))), default=None)
         if sa or sb:
             stamps[key] = max(sa, sb)
             CLOCK.observe(stamps[key])
-        if present:
-            flags.append(spelled.get(key, key))
+        if spelling is not None:
+            flags.append(spelling)
     merged = dict(ours)
     merged["flags"] = normalize(flags)
     if stamps:
