@@ -74,7 +74,8 @@ def state(daemon):
         for line in lines:
             name = re.match(rb'\(([^)]*)\) "/" (.+)$', line).group(2).decode()
             status, _ = client.select(name, readonly=True)
-            assert status == "OK", name
+            if status != "OK":
+                continue  # deleted by sync since LIST: the next look will agree
             messages = []
             _, data = client.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[])")
             for item in data:
@@ -158,10 +159,23 @@ def test_appends_flags_moves_expunges_and_renames_reach_the_other_device(devices
     client.uid("STORE", uids, "+FLAGS", "\\Deleted")
     client.expunge()
     client.rename("Projects", "Work")
+    client.create("Doomed")
+    client.subscribe("Work/R&AOk-sum&AOk-")
+    client.unsubscribe("Junk")
+    client.logout()
+    wait_same(one, two, lambda s: "Doomed" in s)
+    client = connect(one)
+    client.delete("Doomed")
     client.logout()
 
-    final = wait_same(one, two, lambda s: "Work/R&AOk-sum&AOk-" in s)
+    final = wait_same(one, two, lambda s: "Work/R&AOk-sum&AOk-" in s and "Doomed" not in s)
     assert "Projects" not in final and "Work" in final
+    for daemon in (one, two):
+        client = connect(daemon)
+        _, subscribed = client.lsub()
+        client.logout()
+        names = sorted(line.split(b' "/" ')[1].decode() for line in subscribed)
+        assert names == ["Archive", "Drafts", "Sent", "Trash", "Work/R&AOk-sum&AOk-"]
     assert by_subject(one, "Archive") == {"move-me": ["\\Seen"]}
     inbox = by_subject(one, "INBOX")
     assert inbox["flag-me"] == ["$Important", "\\Flagged", "\\Seen"]
