@@ -98,25 +98,23 @@ def collect_push(queries, keys, max_docs=PUSH_MAX_DOCS, max_bytes=PUSH_MAX_BYTES
     start = get_state(queries, "push_gen", 0)
     position = start
     items, size = [], 0
-    # Most rows after a pull are skipped (written from what was pulled): they are
-    # looked at without their content, and many of them per read.
+    # After a pull most rows are skipped (written from what was pulled): SQLite reads
+    # their content only for the rows that go out, and a read looks at many of them.
     rows = queries.execute(
-        "SELECT d.id, d.kind, d.gen, d.deleted, s.remote_rev, s.synced_gen "
+        "SELECT d.id, d.kind, d.gen, d.deleted, "
+        "CASE WHEN s.synced_gen = d.gen THEN NULL ELSE d.content END, "
+        "s.remote_rev, s.synced_gen "
         "FROM documents d LEFT JOIN sync_docs s ON s.doc_id = d.id AND s.kind = d.kind "
         "WHERE d.gen > ? ORDER BY d.gen LIMIT ?",
         (start, max_docs * SCAN_FACTOR),
-    ).fetchall()
-    for doc_id, kind, gen, deleted, remote_rev, synced_gen in rows:
+    )
+    for doc_id, kind, gen, deleted, content, remote_rev, synced_gen in rows:
         if synced_gen == gen:
             position = gen  # written here from what was pulled: nothing to push
             continue
         if deleted and not remote_rev:
             position = gen  # never reached the provider: nothing to delete there
             continue
-        if len(items) >= max_docs:
-            break
-        (content,) = queries.execute(
-            "SELECT content FROM documents WHERE id = ?", (doc_id,)).fetchone()
         extra = []
         if kind == BLOB_KIND:
             extra, complete = _chunk_items(queries, keys, doc_id, deleted, content,

@@ -3,7 +3,8 @@
 Two loops share one :class:`~leapmail.sync.engine.Replicator`:
 
 - the **puller** long-polls the provider's change feed, so a change made on another
-  device (or mail delivered) arrives within about a second, and applies each batch;
+  device (or mail delivered) arrives within about a second, and applies each batch
+  (while more is waiting, as a bulk import: full-text indexing waits for it);
 - the **pusher** wakes shortly after a local commit (debounced, so a burst of writes
   goes out in few requests) and pushes until nothing is left.
 
@@ -78,6 +79,7 @@ class SyncService(service.Service):
                         "last_push": None, "error": None, "error_since": None}
         self._status_timer = None
         self._sleepers = set()
+        self._bulk_import = False
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -120,19 +122,35 @@ class SyncService(service.Service):
     async def _pull_loop(self):
         backoff = Backoff()
         more = True
-        while self.running:
-            try:
-                await self._ensure_token()
-                more = await self.replicator.pull(wait=0 if more else LONG_POLL)
-                backoff.reset()
-                self._succeeded("last_pull")
-            except defer.CancelledError:
-                return
-            except Exception as e:
-                if not self.running:
+        try:
+            while self.running:
+                try:
+                    await self._ensure_token()
+                    more = await self.replicator.pull(wait=0 if more else LONG_POLL)
+                    self._catching_up(more)
+                    backoff.reset()
+                    self._succeeded("last_pull")
+                except defer.CancelledError:
                     return
-                await self._failed("pull", e, backoff)
-                more = True
+                except Exception as e:
+                    if not self.running:
+                        return
+                    await self._failed("pull", e, backoff)
+                    more = True
+        finally:
+            self._catching_up(False)
+
+    def _catching_up(self, more):
+        """While the feed has more waiting (a new device catching up, or one back after
+        long), pulling is a bulk import: the mail core's full-text indexer waits until
+        it pauses, as for ``Account.append_many``, instead of taking turns with it at
+        the store's writer, where IMAP writes would wait behind both (see the
+        Performance section of docs/sync.rst)."""
+        account = getattr(self._store_service, "account", None)
+        if account is None or more == self._bulk_import:
+            return
+        self._bulk_import = more
+        account.text_indexer.bulk_imports += 1 if more else -1
 
     def push_soon(self, delay=PUSH_DELAY):
         """Push after ``delay`` seconds, unless a push is already due sooner."""
