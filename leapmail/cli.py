@@ -63,6 +63,7 @@ def _status(args):
     import json
     import os
 
+    from leapmail.store.database import lock_holder
     from leapmail.sync.service import STATUS_NAME
 
     home = Home(args.home)
@@ -73,6 +74,11 @@ def _status(args):
         print("provider:  none (this account is local to this machine)")
         return
     print(f"provider:  {provider[0]}")
+    holder = lock_holder(home.store_path)
+    if holder is None:
+        print("daemon:    not running (sync waits for it)")
+    else:
+        print(f"daemon:    running{f' (pid {holder})' if holder else ''}")
     path = os.path.join(home.path, STATUS_NAME)
     try:
         with open(path, "rb") as f:

@@ -126,6 +126,7 @@ def test_a_tampered_document_is_refused_with_its_batch_then_sync_recovers(provid
         assert "Victims" not in str(connect(two).list()[1])
         shown = leapmail_status(two)
         assert "error:" in shown and "does not authenticate" in shown
+        assert f"daemon:    running (pid {two.pid})\n" in shown
 
         republish(provider, wire_id, rev, data)
         wait_for(lambda: by_subject(two, "INBOX") == {"victim": []},
@@ -134,6 +135,10 @@ def test_a_tampered_document_is_refused_with_its_batch_then_sync_recovers(provid
                  "the error to clear")
         assert "error:" not in leapmail_status(two)
         assert "sync works again" in two.log_text()
+        one.stop()
+        shown = leapmail_status(one)
+        assert "daemon:    not running (sync waits for it)\n" in shown
+        assert "pending:   0 local changes to push\n" in shown
     finally:
         one.stop()
         two.stop()

@@ -140,6 +140,24 @@ class _LockFile:
             self.fd = None
 
 
+def lock_holder(db_path):
+    """The pid of the process holding the store open, or ``None`` if none does."""
+    try:
+        fd = os.open(db_path + ".lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(holder) if holder.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class Database:
     """An open, validated, locked and migrated store file.
 
