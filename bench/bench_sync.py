@@ -27,11 +27,11 @@
 
 Usage: ``.venv/bin/python bench/bench_sync.py [--quick] [--messages N] [--devices N]
 [--docs-per-device N] [--only initial|providers] [--workdir DIR] [--keep]
-[--profile DIR [--profile-format raw]]``.  --quick: 1,000 messages, 20 devices of 300 documents.
---profile runs ``py-spy record`` on the second daemon and the provider during the
-initial sync and writes their flame graphs (SVG; raw: collapsed stacks) into DIR.  The exit status is
-non-zero only when something could not be run or answered wrongly (a MISS is not a
-failure).
+[--profile DIR [--profile-format raw]]``.  --quick: 1,000 messages, 20 devices of
+300 documents.  --profile runs ``py-spy record`` on each daemon and the provider during
+the push and the pull and writes their flame graphs (SVG; raw: collapsed stacks) into
+DIR.  The exit status is non-zero only when something could not be run or answered
+wrongly (a MISS is not a failure).
 """
 
 import argparse
@@ -70,6 +70,9 @@ TARGET_SECONDS = 60.0
 MAILBOXES = (("INBOX", 0.7), ("Archive", 0.2), ("Sent", 0.1))
 #: Share of messages with a big attachment (100 KB - 2 MB).
 ATTACHMENT_SHARE = 0.007
+#: Documents a device of the throughput run asks for per pull (a daemon asks for as
+#: many as it can apply in about 0.1 s: some hundreds).
+PULL_BATCH = 500
 #: Give up waiting for a sync after this long.
 DEADLINE = 1800.0
 
@@ -333,9 +336,15 @@ def initial_sync(workdir, n, profile=None, profile_format="svg"):
         # -- device one pushes everything
         reset_peak(provider.pid)
         provider_cpu = cpu_seconds(provider.pid)
+        spies = []
         started = time.perf_counter()
         one.start()
         listening = time.perf_counter()
+        ext = "txt" if profile_format == "raw" else "svg"
+        if profile:
+            os.makedirs(profile, exist_ok=True)
+            spies = [Spy(one.pid, os.path.join(profile, f"device-one.{ext}")),
+                     Spy(provider.pid, os.path.join(profile, f"provider-push.{ext}"))]
         while provider_doc_count(provider) < expected_docs:
             if time.perf_counter() - started > DEADLINE:
                 raise RuntimeError("device one did not push everything in time")
@@ -343,6 +352,8 @@ def initial_sync(workdir, n, profile=None, profile_format="svg"):
                 raise RuntimeError(f"device one exited:\n{one.log_text()[-3000:]}")
             time.sleep(0.1)
         pushed = time.perf_counter()
+        for spy in spies:
+            spy.stop()
         # The daemon syncs from the moment its store is open, before IMAP listens:
         # the push is timed from the daemon's launch, its start-up included.
         fig["push_s"] = pushed - started
@@ -371,8 +382,6 @@ def initial_sync(workdir, n, profile=None, profile_format="svg"):
             fig["rss_two_startup"] = vm_hwm(two.pid)
             reset_peak(two.pid)
             if profile:
-                os.makedirs(profile, exist_ok=True)
-                ext = "txt" if profile_format == "raw" else "svg"
                 spies = [Spy(two.pid, os.path.join(profile, f"device-two.{ext}")),
                          Spy(provider.pid, os.path.join(profile, f"provider-pull.{ext}"))]
             client = connect(two)
@@ -500,7 +509,7 @@ def load_clients(spec_path):
     from twisted.internet import defer, task
 
     from leapmail.crypto.wire import WireKeys
-    from leapmail.sync.engine import PULL_LIMIT, PUSH_MAX_BYTES, PUSH_MAX_DOCS
+    from leapmail.sync.engine import PUSH_MAX_BYTES, PUSH_MAX_DOCS
     from leapmail.sync.remote import ProviderClient
 
     with open(spec_path) as f:
@@ -548,7 +557,7 @@ def load_clients(spec_path):
         async def pull(client, keys):
             since, docs, size, more = 0, 0, 0, True
             while more:
-                changes, since, more = await client.changes(since, PULL_LIMIT, 0)
+                changes, since, more = await client.changes(since, PULL_BATCH, 0)
                 docs += len(changes)
                 size += sum(len(c[3]) for c in changes)
             # The feed is the device's own: it opens.
@@ -660,8 +669,8 @@ def main():
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (removed after a clean run)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="py-spy flame graphs of the second daemon and the provider "
-                             "during the initial sync")
+                        help="py-spy flame graphs of the daemons and the provider "
+                             "during the push and the pull of the initial sync")
     parser.add_argument("--profile-format", choices=("svg", "raw"), default="svg",
                         help="flame graphs (svg, the default) or collapsed stacks (raw)")
     parser.add_argument("--bulk-load", metavar="HOME", help=argparse.SUPPRESS)
