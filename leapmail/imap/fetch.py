@@ -20,7 +20,7 @@ STREAM_THRESHOLD = 256 * 1024
 #: A FETCH of message contents reads up to this many messages at once…
 CONTENT_BATCH = 300
 #: …and stops early once their sizes add up to more than this.
-CONTENT_BATCH_BYTES = 4 * 1024 * 1024
+CONTENT_BATCH_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)

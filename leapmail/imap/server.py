@@ -1054,8 +1054,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
         # Metadata and headers: two batches in flight, so both reader threads work
         # while we write.  Message contents: one read at a time (two readers of bodies
-        # contend for the GIL and are slower together than one alone), of up to
-        # CONTENT_BATCH messages and CONTENT_BATCH_BYTES, written while the next is read.
+        # contend for the GIL and were not faster than one), of up to CONTENT_BATCH
+        # messages and CONTENT_BATCH_BYTES, written while the next is read.
         if with_header or not want_content:
             size, ahead = FETCH_BATCH, 2
         else:
