@@ -11,9 +11,10 @@ with those environment variables (``PYTHONPATH=/some/worktree`` runs other code)
 the rounds alternate between the daemons so that a busy moment hits all of them.
 
 Usage: ``.venv/bin/python bench/bench_body_fetch.py [--messages N] [--rounds R]
-[--home DIR] [--variant NAME=VAR=VALUE,...]... [--profile OUT]``.  The home is
-built once and kept (delete it after a change of the stored format); ``--profile``
-runs py-spy on the (first) daemon during the rounds (``.txt``: raw, else an SVG).
+[--home DIR] [--variant NAME=VAR=VALUE,...]... [--profile OUT [--native] [--gil]]``.
+The home is built once and kept (delete it after a change of the stored format);
+``--profile`` runs perf (``OUT.perf``) or py-spy (``.txt``: raw stacks, else an SVG)
+on the (first) daemon during the rounds.
 """
 
 import argparse
@@ -98,7 +99,13 @@ def main():
     parser.add_argument("--home", default=os.path.join(ROOT, "build", "bench-body", "home"))
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=VAR=VALUE,VAR=VALUE: another daemon with this environment")
-    parser.add_argument("--profile", metavar="OUT", help="py-spy record the daemon into OUT")
+    parser.add_argument("--profile", metavar="OUT",
+                        help="profile the (first) daemon into OUT: perf if OUT ends in .perf, "
+                        "else py-spy (raw stacks if .txt, else an SVG)")
+    parser.add_argument("--rate", default="1000", help="py-spy samples a second")
+    parser.add_argument("--native", action="store_true", help="py-spy: with C frames")
+    parser.add_argument("--gil", action="store_true",
+                        help="py-spy: only the thread holding the GIL")
     args = parser.parse_args()
 
     if not os.path.exists(os.path.join(args.home, "store.db")):
@@ -123,11 +130,7 @@ def main():
         for v in variants:
             v.start()
         if args.profile:
-            spy = subprocess.Popen(  # NATIVE=1 in the environment: with C frames
-                [os.path.join(ROOT, ".venv", "bin", "py-spy"), "record", "-o", args.profile,
-                 "--pid", str(variants[0].daemon.pid), "--threads", "--rate", "1000"] + (["--native"] if os.environ.get("NATIVE") else []) + (["--gil"] if os.environ.get("GIL") else [])
-                + (["--format", "raw"] if args.profile.endswith(".txt") else []),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = _profiler(args, variants[0].daemon.pid)
             time.sleep(1.0)
         for r in range(args.rounds):
             # Alternate which variant goes first, too.
@@ -142,6 +145,17 @@ def main():
             v.stop()
     for v in variants:
         print(v.report(min(args.count, args.messages)))
+
+
+def _profiler(args, pid):
+    if args.profile.endswith(".perf"):
+        command = ["perf", "record", "-F", "4000", "-g", "-o", args.profile, "-p", str(pid)]
+    else:
+        command = [os.path.join(ROOT, ".venv", "bin", "py-spy"), "record", "-o", args.profile,
+                   "--pid", str(pid), "--threads", "--rate", args.rate]
+        command += ["--native"] * args.native + ["--gil"] * args.gil
+        command += ["--format", "raw"] if args.profile.endswith(".txt") else []
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _cpu_seconds(pid):
