@@ -1,6 +1,7 @@
 """Sync as a user meets it: a new device catching up, and a provider under many devices.
 
-1. **Initial sync.**  A real provider (``twistd -n leapmail-provider``, SQLite) and
+1. **Initial sync.**  A real provider (``twistd -n leapmail-provider``, on SQLite, or
+   PostgreSQL with --initial-backend postgresql) and
    two real daemons.  Device one enrolls, and its account is filled offline with
    --messages (10,000) seeded messages of realistic sizes (most 2-30 KB, about 1% with
    an attachment of 100 KB-2 MB; some 130 MB in all) in INBOX, Archive and Sent,
@@ -26,11 +27,12 @@
    PostgreSQL/SQLite.  Nothing here is a peer to compare with, so no other target.
 
 Usage: ``.venv/bin/python bench/bench_sync.py [--quick] [--messages N] [--devices N]
-[--docs-per-device N] [--only initial|providers] [--workdir DIR] [--keep]
+[--docs-per-device N] [--only initial|providers] [--backend sqlite|postgresql]
+[--initial-backend sqlite|postgresql] [--workdir DIR] [--keep]
 [--profile DIR [--profile-format raw]]``.  --quick: 1,000 messages, 20 devices of
 300 documents.  --profile runs ``py-spy record`` on each daemon and the provider during
-the push and the pull and writes their flame graphs (SVG; raw: collapsed stacks) into
-DIR.  The exit status is non-zero only when something could not be run or answered
+the push and the pull, and on the provider of each throughput run, and writes their
+flame graphs (SVG; raw: collapsed stacks) into DIR.  The exit status is non-zero only when something could not be run or answered
 wrongly (a MISS is not a failure).
 """
 
@@ -228,7 +230,12 @@ def cpu_seconds(pid):
 
 
 def provider_doc_count(provider):
-    """Documents the provider holds (SQLite: read its file; any account)."""
+    """Documents the provider holds (all accounts), read from its database."""
+    if provider.database:
+        import psycopg
+
+        with psycopg.connect(provider.database, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM docs").fetchone()[0]
     path = os.path.join(provider.home, "provider.db")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
@@ -306,8 +313,17 @@ class Spy:
         print(f"  profile: {self.out}")
 
 
-def initial_sync(workdir, n, profile=None, profile_format="svg"):
-    fig = {"messages": n}
+def initial_sync(workdir, n, profile=None, profile_format="svg", backend="sqlite"):
+    postgres = durable_postgres() if backend == "postgresql" else None
+    try:
+        return _initial_sync(workdir, n, profile, profile_format, postgres)
+    finally:
+        if postgres is not None:
+            postgres.stop()
+
+
+def _initial_sync(workdir, n, profile, profile_format, postgres):
+    fig = {"messages": n, "backend": "postgresql" if postgres else "sqlite"}
     base = fresh_dir(os.path.join(workdir, "initial"))
     started = time.perf_counter()
     expect, total = expected_mail(n)
@@ -316,7 +332,8 @@ def initial_sync(workdir, n, profile=None, profile_format="svg"):
           f"({', '.join(f'{k} {sum(v.values()):,}' for k, v in expect.items())}), "
           f"made in {time.perf_counter() - started:.1f} s")
 
-    provider = ProviderProcess(os.path.join(base, "provider"))
+    provider = ProviderProcess(os.path.join(base, "provider"),
+                               database=postgres.create_database() if postgres else None)
     code = provider.adduser(ADDRESS)
     provider.start()
     try:
@@ -446,7 +463,7 @@ def report_initial(fig):
     n, size = fig["messages"], fig["bytes"]
     polls = fig["status_polls"]
     print(f"\nInitial sync of {n:,} messages ({size / MB:.1f} MB, {fig['docs']:,} documents "
-          "on the wire)")
+          f"on the wire), the provider on {fig['backend']}")
     rows = [
         ("push (device one -> provider), from launch", fig["push_s"],
          f"CPU: device one {fig['push_cpu_one']:.1f} s, provider "
@@ -585,7 +602,7 @@ def load_clients(spec_path):
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 
 
-def provider_throughput(workdir, backend, devices, docs):
+def provider_throughput(workdir, backend, devices, docs, profile=None, profile_format="svg"):
     base = fresh_dir(os.path.join(workdir, f"providers-{backend}"))
     postgres = None
     try:
@@ -606,9 +623,18 @@ def provider_throughput(workdir, backend, devices, docs):
                            "docs": docs}, f)
             reset_peak(provider.pid)
             cpu = cpu_seconds(provider.pid)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__),
-                                  "--load-clients", spec_path],
-                                 capture_output=True, text=True)
+            spy = None
+            if profile:
+                os.makedirs(profile, exist_ok=True)
+                ext = "txt" if profile_format == "raw" else "svg"
+                spy = Spy(provider.pid, os.path.join(profile, f"provider-{backend}.{ext}"))
+            try:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__),
+                                      "--load-clients", spec_path],
+                                     capture_output=True, text=True)
+            finally:
+                if spy is not None:
+                    spy.stop()
             if out.returncode != 0:
                 raise RuntimeError(f"the clients failed:\n{out.stdout}{out.stderr}")
             fig = json.loads(out.stdout.strip().splitlines()[-1])
@@ -664,13 +690,17 @@ def main():
                         help="documents each device pushes (default 2,000; 300 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a smaller run")
     parser.add_argument("--only", choices=("initial", "providers"))
+    parser.add_argument("--backend", action="append", choices=("sqlite", "postgresql"),
+                        help="the throughput run on this storage only (may be repeated)")
+    parser.add_argument("--initial-backend", choices=("sqlite", "postgresql"),
+                        default="sqlite",
+                        help="the provider's storage for the initial sync (default sqlite)")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "build", "bench-sync"),
                         help="throw-away directory (default build/bench-sync)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (removed after a clean run)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="py-spy flame graphs of the daemons and the provider "
-                             "during the push and the pull of the initial sync")
+                        help="py-spy flame graphs of the daemons and the providers")
     parser.add_argument("--profile-format", choices=("svg", "raw"), default="svg",
                         help="flame graphs (svg, the default) or collapsed stacks (raw)")
     parser.add_argument("--bulk-load", metavar="HOME", help=argparse.SUPPRESS)
@@ -689,18 +719,21 @@ def main():
     started = time.perf_counter()
     failed, initial, providers = [], None, {}
     if args.only in (None, "initial"):
-        print(f"== Initial sync of {n:,} messages to a new device")
+        print(f"== Initial sync of {n:,} messages to a new device, the provider on "
+              f"{args.initial_backend}")
         try:
-            initial = initial_sync(args.workdir, n, args.profile, args.profile_format)
+            initial = initial_sync(args.workdir, n, args.profile, args.profile_format,
+                                   args.initial_backend)
         except Exception:
             traceback.print_exc()
             failed.append("initial sync")
     if args.only in (None, "providers"):
-        for backend in ("sqlite", "postgresql"):
+        for backend in args.backend or ("sqlite", "postgresql"):
             print(f"\n== Provider throughput on {backend}: {args.devices} devices")
             try:
-                providers[backend] = provider_throughput(args.workdir, backend,
-                                                         args.devices, docs)
+                providers[backend] = provider_throughput(
+                    args.workdir, backend, args.devices, docs, args.profile,
+                    args.profile_format)
             except Exception:
                 traceback.print_exc()
                 failed.append(f"provider on {backend}")

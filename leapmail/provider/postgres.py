@@ -116,6 +116,18 @@ class PostgresStorage(SQLStorage):
         if conn.closed or conn.broken:
             self._drop_connection()
 
+    def _cursor(self, conn):
+        # Results in binary: document data comes as its bytes rather than as hex text
+        # to decode, which made reading the change feed 2.5 times as fast.
+        return conn.cursor(binary=True)
+
+    def _among(self, values):
+        # One array parameter, not one parameter per id: psycopg prepares a statement
+        # run five times, and PostgreSQL's generic plan for "id IN ($2, ..., $501)"
+        # took 200-300 ms for the 500 ids of a push to an account of 20,000 documents
+        # (bench_sync), against under 10 ms for "id = ANY($2)".
+        return "= ANY(?)", [list(values)]
+
     def _lock_schema(self, cursor):
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
 

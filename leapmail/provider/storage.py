@@ -299,6 +299,13 @@ class SQLStorage:
         """Where the data is, for logs (never a password)."""
         raise NotImplementedError
 
+    def _cursor(self, conn):
+        return conn.cursor()
+
+    def _among(self, values):
+        """``(sql, params)``: the test that a column is one of ``values``."""
+        return f"IN ({_marks(values)})", values
+
     def listen(self, callback):
         return None
 
@@ -338,7 +345,7 @@ class SQLStorage:
     @contextmanager
     def _transaction(self, write=False):
         conn = self._connection()
-        raw = conn.cursor()
+        raw = self._cursor(conn)
         began = False
         try:
             self._begin(raw, write)
@@ -495,9 +502,10 @@ class SQLStorage:
             current = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
+                among, params = self._among(chunk)
                 current.update(c.all(
-                    f"SELECT id, rev FROM docs WHERE user_id = ? AND id IN ({_marks(chunk)})",
-                    (user_id, *chunk)))
+                    f"SELECT id, rev FROM docs WHERE user_id = ? AND id {among}",
+                    (user_id, *params)))
             conflicts = [(doc_id, current.get(doc_id, 0)) for doc_id, base, _ in docs
                          if current.get(doc_id, 0) != base]
             if conflicts:
@@ -542,9 +550,10 @@ class SQLStorage:
         with self._transaction() as c:
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
+                among, params = self._among(chunk)
                 sizes.update(c.all(
-                    f"SELECT id, length(data) FROM docs WHERE user_id = ? "
-                    f"AND id IN ({_marks(chunk)})", (user_id, *chunk)))
+                    f"SELECT id, length(data) FROM docs WHERE user_id = ? AND id {among}",
+                    (user_id, *params)))
         return sizes
 
     def get_docs(self, user_id, ids):
@@ -553,9 +562,10 @@ class SQLStorage:
         with self._transaction() as c:
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
+                among, params = self._among(chunk)
                 for doc_id, rev, seq, data in c.all(
                         f"SELECT id, rev, seq, data FROM docs WHERE user_id = ? "
-                        f"AND id IN ({_marks(chunk)})", (user_id, *chunk)):
+                        f"AND id {among}", (user_id, *params)):
                     found[doc_id] = Doc(doc_id, rev, seq, bytes(data))
         return [found[doc_id] for doc_id in dict.fromkeys(ids) if doc_id in found]
 
