@@ -100,8 +100,16 @@ def _passwd(args):
     home = Home(args.home)
     old = read_passphrase("Current passphrase: ")
     new = read_passphrase("New passphrase: ", env=NEW_ENV, confirm=True)
-    home.change_passphrase(old, new)
-    print(f"passphrase changed for {home.path}")
+    if home.provider() is None:
+        home.change_passphrase(old, new)
+        print(f"passphrase changed for {home.path}")
+        return
+    from leapmail import enrollment
+
+    home.unlock(old)  # a wrong passphrase is told before anything goes to the provider
+    _run(lambda reactor: enrollment.change_passphrase(home, old, new, reactor))
+    print(f"passphrase changed for {home.path} and at its provider; restart the daemon "
+          "so that it logs in with the new one")
 
 
 def _check(args):

@@ -13,7 +13,9 @@ at the login, before anything is written here or registered there.
 
 The login key (scrypt under its own salt, then HKDF under its own label) is not the
 key that seals the bundle: the provider sees it at every login and keeps its SHA-256,
-and neither opens anything.
+and neither opens anything.  Its parameters (not secret) are kept in ``config.json``;
+the daemon derives the key from the passphrase when it starts, so nothing stored
+goes stale when the passphrase changes (:func:`change_passphrase`).
 """
 
 import functools
@@ -73,7 +75,7 @@ async def enroll(home, passphrase, address, url, ca_pem, code, reactor=None):
     finally:
         await client.close()
     _create_local(home, address, sealed, bundle, url, ca_pem, token, device_id, name,
-                  login_key, setup=True)
+                  params, setup=True)
     return bundle
 
 
@@ -102,13 +104,40 @@ async def join(home, passphrase, address, url, ca_pem, reactor=None):
         await client.close()
     bundle = await threads.deferToThread(unseal, sealed, passphrase, "the provider's bundle")
     _create_local(home, address, sealed, bundle, url, ca_pem, token, device_id, name,
-                  login_key, setup=False)
+                  params, setup=False)
     return bundle
 
 
+async def change_passphrase(home, old, new, reactor=None):
+    """Change the passphrase here and at the provider (which keeps the sealed bundle
+    and the login verifier); nothing changes unless the provider accepts."""
+    url, ca_pem = home.provider()
+    bundle = home.unlock(old)
+    config = home.config()
+    try:
+        old_params = ScryptParams.from_dict(config["login_kdf"])
+    except (KeyError, TypeError, UnsupportedKDF):
+        raise EnrollmentError(f"{home.config_path} lacks the login parameters; "
+                              "this account cannot change its passphrase") from None
+    new_params = ScryptParams.fresh()
+    old_key = await threads.deferToThread(derive_login_key, old, old_params)
+    new_key = await threads.deferToThread(derive_login_key, new, new_params)
+    sealed = await threads.deferToThread(seal, bundle, new)
+    client = ProviderClient(url, ca_pem, reactor=reactor)
+    try:
+        await client.change_passphrase(home.address(), old_key, new_params.to_dict(),
+                                       sha256(new_key).digest(), sealed)
+    except ProviderError as e:
+        raise EnrollmentError(f"the passphrase is unchanged: {e}") from None
+    finally:
+        await client.close()
+    home.write_secrets(sealed)
+    home.write_config(dict(config, login_kdf=new_params.to_dict()))
+
+
 def _create_local(home, address, sealed, bundle, url, ca_pem, token, device_id, name,
-                  login_key, setup):
-    config = {"address": address, "provider": url}
+                  login_params, setup):
+    config = {"address": address, "provider": url, "login_kdf": login_params.to_dict()}
     if ca_pem is not None:
         config["provider_ca"] = CA_NAME
     os.makedirs(home.path, mode=0o700, exist_ok=True)
@@ -118,14 +147,12 @@ def _create_local(home, address, sealed, bundle, url, ca_pem, token, device_id, 
     database = home.create_store(bundle, sealed, setup=setup)
     try:
         database.run(functools.partial(
-            _save_credentials, token=token, device_id=device_id, name=name,
-            login_key=login_key))
+            _save_credentials, token=token, device_id=device_id, name=name))
     finally:
         database.close()
 
 
-def _save_credentials(txn, token, device_id, name, login_key):
+def _save_credentials(txn, token, device_id, name):
     set_state(txn, "token", token)
     set_state(txn, "device_id", device_id)
     set_state(txn, "device_name", name)
-    set_state(txn, "login_key", login_key)

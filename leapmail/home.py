@@ -81,6 +81,9 @@ class Home:
                 raise HomeError(f"{path} exists: {self.path} already holds an account; "
                                 "nothing was changed")
 
+    def write_secrets(self, sealed):
+        atomic_write(self.secrets_path, sealed)
+
     def write_config(self, config):
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         atomic_write(self.config_path, _json(config))
@@ -91,7 +94,7 @@ class Home:
         ``setup=False`` leaves the mailboxes out: a device joining an account gets them
         from the provider.
         """
-        atomic_write(self.secrets_path, sealed)
+        self.write_secrets(sealed)
         database = Database.open(self.store_path, bundle.storage_key, COMPONENTS, create=True)
         if setup:
             try:

@@ -275,14 +275,30 @@ class _ConnectionTracker:
             protocol.transport.abortConnection()
 
 
+def _login_key(home, passphrase):
+    """The key to log in to the provider with when a token expires (see
+    leapmail.enrollment), derived now, while the passphrase is at hand."""
+    from leapmail.crypto import ScryptParams, UnsupportedKDF
+    from leapmail.crypto.kdf import derive_login_key
+
+    try:
+        params = ScryptParams.from_dict(home.config()["login_kdf"])
+    except (KeyError, TypeError, UnsupportedKDF):
+        return None
+    return derive_login_key(passphrase, params)
+
+
 def makeService(options):
     home = Home(options["home"])
     try:
         from leapmail.tls import context_factory
 
-        bundle = home.unlock(read_passphrase())
+        passphrase = read_passphrase()
+        bundle = home.unlock(passphrase)
         username = home.address()
         provider = home.provider()
+        login_key = _login_key(home, passphrase) if provider is not None else None
+        del passphrase
         # Validate, lock and migrate now, so a bad file is reported before daemonizing.
         database = home.open_database(bundle)
         try:
@@ -303,7 +319,7 @@ def makeService(options):
         # Between the store and IMAP: started after the store opens, stopped before
         # it closes (children stop in reverse order).
         SyncService(store_service, WireKeys(bundle.storage_key), username, provider[0],
-                    provider[1], home.path).setServiceParent(top)
+                    provider[1], home.path, login_key=login_key).setServiceParent(top)
     IMAPService(
         store_service, options["listen"], options["imap-port"], username,
         bundle.client_password, context_factory=tls,

@@ -384,6 +384,40 @@ async def test_login_with_right_and_wrong_key(provider):
 
 
 @pytest_twisted.ensureDeferred
+async def test_passphrase_change_replaces_verifier_and_bundle(provider):
+    await provider.enrolled("alice@example.org")
+    c = provider.client()
+    new_key, new_kdf = b"the new login key", dict(KDF, salt=b64(b"another salt 123"))
+
+    def change(key, body_extra=None):
+        body = {"address": "alice@example.org", "login_key": b64(key),
+                "login": {"kdf": new_kdf, "verifier": b64(sha(new_key))},
+                "bundle": b64(b"resealed bundle")}
+        body.update(body_extra or {})
+        return c.post("/v1/passphrase", body)
+
+    wrong = await in_thread(change, b"not the login key")
+    assert (wrong.status, wrong.json) == (
+        401, {"error": "unauthorized", "message": "wrong address or login key"})
+    provider.clock.now += 10  # past the throttle of that failure
+    bad = await in_thread(change, LOGIN_KEY, {"bundle": ""})
+    assert (bad.status, bad.json["message"]) == (
+        400, "bundle: the sealed secrets bundle is required")
+    provider.clock.now += 10
+    ok = await in_thread(change, LOGIN_KEY)
+    assert (ok.status, ok.json) == (200, {})
+    old = await in_thread(c.login, "alice@example.org")
+    assert old.status == 401
+    provider.clock.now += 10
+    r = await in_thread(c.login, "alice@example.org", key=new_key)
+    assert r.status == 200, r
+    bundle = await in_thread(provider.client(r.json["token"]).get, "/v1/bundle")
+    assert bundle.json == {"bundle": b64(b"resealed bundle")}
+    params = await in_thread(c.get, "/v1/login-params?address=alice%40example.org")
+    assert params.json == {"kdf": new_kdf}
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_logins_are_throttled_per_address(provider):
     await provider.enrolled("alice@example.org")
     await provider.enrolled("bob@example.org", code="bob-code")

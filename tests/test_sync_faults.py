@@ -222,3 +222,58 @@ def test_a_wrong_passphrase_on_a_second_device_changes_nothing(provider, tmp_pat
         conn.close()
     finally:
         one.stop()
+
+
+def test_a_passphrase_change_reaches_the_provider(provider, tmp_path):
+    one = first_device(provider, str(tmp_path / "one")).start()
+    try:
+        client = connect(one)
+        client.append("INBOX", None, None, note("before"))
+        client.logout()
+        pushed(one)
+
+        def passwd(old, new):
+            return subprocess.run(
+                [os.path.join(BIN, "leapmail"), "--home", one.home, "passwd"],
+                env=dict(os.environ, LEAPMAIL_PASSPHRASE=old, LEAPMAIL_NEW_PASSPHRASE=new),
+                capture_output=True, text=True, timeout=120)
+
+        conn = provider_db(provider)
+        before = conn.execute("SELECT verifier, bundle FROM users").fetchone()
+        conn.close()
+        wrong = passwd("not it", "new passphrase 2")
+        assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr
+        conn = provider_db(provider)
+        assert conn.execute("SELECT verifier, bundle FROM users").fetchone() == before
+        conn.close()
+
+        done = passwd(one.passphrase, "new passphrase 2")
+        assert done.returncode == 0, done.stderr
+        assert "and at its provider" in done.stdout
+        one.stop()
+        one.passphrase = "new passphrase 2"
+        one.start()
+
+        def join(name, passphrase):
+            return subprocess.run(
+                [os.path.join(BIN, "leapmail"), "init", "--home", str(tmp_path / name),
+                 "--address", ADDRESS, "--provider", provider.url,
+                 "--provider-ca", provider.ca_path],
+                env=dict(os.environ, LEAPMAIL_PASSPHRASE=passphrase),
+                capture_output=True, text=True, timeout=120)
+
+        old = join("old", "correct horse battery staple")
+        assert old.returncode == 1 and "wrong passphrase" in old.stderr
+        # The failed login above is throttled: wait out the provider's delay.
+        wait_for(lambda: join("new", "new passphrase 2").returncode == 0,
+                 "a device with the new passphrase to join", deadline=30)
+        two = other_device(provider, str(tmp_path / "new"))
+        two.passphrase = "new passphrase 2"
+        two.start()
+        try:
+            wait_for(lambda: by_subject(two, "INBOX") == {"before": []},
+                     "the new device to sync")
+        finally:
+            two.stop()
+    finally:
+        one.stop()

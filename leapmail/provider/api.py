@@ -41,7 +41,7 @@ from twisted.web import http, resource, server
 
 from leapmail.fsutil import fsync_dir
 from leapmail.provider.storage import (
-    CodeExpired, CodeUsed, Conflict, EnrollmentRefused, NoSuchAccount, Unavailable,
+    CodeExpired, CodeUsed, Conflict, EnrollmentRefused, LoginChanged, NoSuchAccount, Unavailable,
 )
 
 MiB = 1024 * 1024
@@ -554,6 +554,7 @@ class ProviderAPI:
             (b"POST", b"/v1/enroll"): self._enroll,
             (b"POST", b"/v1/login"): self._login,
             (b"GET", b"/v1/bundle"): self._bundle,
+            (b"POST", b"/v1/passphrase"): self._change_passphrase,
             (b"POST", b"/v1/docs"): self._push,
             (b"POST", b"/v1/docs/get"): self._get_docs,
             (b"GET", b"/v1/changes"): self._changes,
@@ -686,13 +687,7 @@ class ProviderAPI:
         body = await self._body(request)
         address = normalize_address(body.get("address"))
         code = code_hash(body.get("code"))
-        login = _field(body, "login", dict, "an object {kdf, verifier}")
-        kdf = _field(login, "kdf", dict, "an object")
-        if len(_dumps(kdf)) > MAX_KDF_JSON:
-            raise bad(f"login.kdf: longer than {MAX_KDF_JSON} bytes")
-        verifier = _decode_b64(login.get("verifier"), "login.verifier", VERIFIER_BYTES)
-        if len(verifier) != VERIFIER_BYTES:
-            raise bad("login.verifier: the SHA-256 of the login key (32 bytes) is required")
+        kdf, verifier = self._login_fields(body)
         bundle = _decode_b64(body.get("bundle"), "bundle", MAX_BUNDLE, 413)
         if not bundle:
             raise bad("bundle: the sealed secrets bundle is required")
@@ -741,6 +736,43 @@ class ProviderAPI:
 
         await self._attempt(address, login)
         return 200, _dumps({"token": token, "device": device_id, "expires": expires})
+
+    async def _change_passphrase(self, request):
+        body = await self._body(request)
+        address = normalize_address(body.get("address"))
+        login_key = _decode_b64(body.get("login_key"), "login_key", MAX_LOGIN_KEY)
+        if not login_key:
+            raise bad("login_key: the current login key is required")
+        kdf, verifier = self._login_fields(body)
+        bundle = _decode_b64(body.get("bundle"), "bundle", MAX_BUNDLE, 413)
+        if not bundle:
+            raise bad("bundle: the sealed secrets bundle is required")
+        presented = sha256(login_key)
+
+        def change():
+            account = self.storage.find_account(address)
+            known = account is not None and account.claimed
+            ok = hmac.compare_digest(presented, account.verifier if known else bytes(32))
+            if not (known and ok):
+                raise ApiError(401, "wrong address or login key")
+            try:
+                self.storage.change_login(account.user_id, account.verifier, kdf, verifier,
+                                          bundle)
+            except LoginChanged:
+                raise ApiError(409, "the passphrase was changed meanwhile; try again") from None
+
+        await self._attempt(address, change)
+        return 200, _dumps({})
+
+    def _login_fields(self, body):
+        login = _field(body, "login", dict, "an object {kdf, verifier}")
+        kdf = _field(login, "kdf", dict, "an object")
+        if len(_dumps(kdf)) > MAX_KDF_JSON:
+            raise bad(f"login.kdf: longer than {MAX_KDF_JSON} bytes")
+        verifier = _decode_b64(login.get("verifier"), "login.verifier", VERIFIER_BYTES)
+        if len(verifier) != VERIFIER_BYTES:
+            raise bad("login.verifier: the SHA-256 of the login key (32 bytes) is required")
+        return kdf, verifier
 
     async def _bundle(self, request):
         device = await self._authenticate(request)

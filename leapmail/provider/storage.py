@@ -81,6 +81,13 @@ class CodeExpired(StorageError):
         super().__init__("this enrollment code has expired; ask for a new account")
 
 
+class LoginChanged(StorageError):
+    """The login verifier changed meanwhile (another passphrase change won)."""
+
+    def __init__(self):
+        super().__init__("the login changed meanwhile")
+
+
 class NoSuchAccount(StorageError):
     """An operation named an account that does not exist (or is not claimed yet)."""
 
@@ -174,6 +181,10 @@ class IProviderStorage(Interface):
         :class:`CodeExpired` (right code, too late).  The code hash is compared in
         constant time.
         """
+
+    def change_login(user_id, old_verifier, login_kdf, verifier, bundle):
+        """Replace login parameters, verifier and bundle if the verifier is still
+        ``old_verifier``; else raise :class:`LoginChanged`."""
 
     def add_device(user_id, device_id, device_name, token_hash, token_expires, now):
         """Register a device (a login) of a claimed account."""
@@ -450,6 +461,17 @@ class SQLStorage:
             self._insert_device(c, user_id, device_id, device_name, token_hash,
                                 token_expires, now)
         return user_id
+
+    def change_login(self, user_id, old_verifier, login_kdf, verifier, bundle):
+        """Replace the login verifier and sealed bundle (a passphrase change), if the
+        verifier is still ``old_verifier``: of two changes at once, one wins whole."""
+        with self._transaction(write=True) as c:
+            c.execute("UPDATE users SET login_kdf = ?, verifier = ?, bundle = ? "
+                      "WHERE id = ? AND verifier = ?",
+                      (dumps_kdf(login_kdf), bytes(verifier), bytes(bundle), user_id,
+                       bytes(old_verifier)))
+            if c.rowcount != 1:
+                raise LoginChanged()
 
     def add_device(self, user_id, device_id, device_name, token_hash, token_expires, now):
         with self._transaction(write=True) as c:

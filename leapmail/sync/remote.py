@@ -227,6 +227,14 @@ class ProviderClient:
         }, auth=False)
         return _token(value)
 
+    async def change_passphrase(self, address, login_key, login_kdf, verifier, bundle):
+        """Replace the login verifier and the sealed bundle, proving the current key."""
+        await self._request(b"POST", "/v1/passphrase", {
+            "address": address, "login_key": b64encode(login_key).decode("ascii"),
+            "login": {"kdf": login_kdf, "verifier": b64encode(verifier).decode("ascii")},
+            "bundle": b64encode(bundle).decode("ascii"),
+        }, auth=False)
+
     async def bundle(self):
         value = await self._request(b"GET", "/v1/bundle")
         return _b64(_field(value, "bundle", str))

@@ -59,12 +59,13 @@ class SyncService(service.Service):
     log = Logger()
 
     def __init__(self, store_service, keys, address, provider_url, ca_pem, home_path,
-                 reactor=None):
+                 login_key=None, reactor=None):
         self._store_service = store_service
         self._keys = keys
         self._address = address
         self._url = provider_url
         self._ca_pem = ca_pem
+        self._login_key = login_key
         self._status_path = os.path.join(home_path, STATUS_NAME)
         self._reactor = reactor
         self.client = None
@@ -196,7 +197,8 @@ class SyncService(service.Service):
 
     async def _login(self):
         store = self.replicator.store
-        login_key = await store.read(get_state, "login_key")
+        # Homes set up before login keys were derived at start kept one in the store.
+        login_key = self._login_key or await store.read(get_state, "login_key")
         device = await store.read(get_state, "device_name") or "leapmail"
         if not login_key:
             raise Unauthorized("this device has no login key; run leapmail init again")
