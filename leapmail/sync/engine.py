@@ -442,13 +442,13 @@ class Replicator:
             else:
                 _discard(prefetched)
                 fetching = defer.ensureDeferred(self._fetch(since, 0))
-            changes, seq, more, opened, pushes = await fetching
-            if more and changes:
+            count, seq, more, opened, pushes = await fetching
+            if more and count:
                 self._prefetched = (seq, defer.ensureDeferred(self._fetch(seq, 0)))
             if not await self._apply(opened, seq, pushes):
                 self._drop_prefetched()
                 return True
-            return more and bool(changes)
+            return more and bool(count)
         finally:
             self._pull_lock.release()
 
@@ -457,7 +457,7 @@ class Replicator:
         # wait for it.  If such a pull moved the position meanwhile, what the long poll
         # brought is stale and dropped: the caller pulls again at once.
         since = await self.store.read(get_state, "pull_seq", 0)
-        changes, seq, more, opened, pushes = await self._fetch(since, wait)
+        count, seq, more, opened, pushes = await self._fetch(since, wait)
         await self._pull_lock.acquire()
         try:
             if await self.store.read(get_state, "pull_seq", 0) != since:
@@ -465,7 +465,7 @@ class Replicator:
             self._drop_prefetched()
             if not await self._apply(opened, seq, pushes):
                 return True
-            return more and bool(changes)
+            return more and bool(count)
         finally:
             self._pull_lock.release()
 
@@ -478,7 +478,7 @@ class Replicator:
             raise SyncRefused(
                 f"the provider's change feed went back from {since} to {seq}; refused")
         opened = await threads.deferToThread(open_all, self.keys, changes)
-        return changes, seq, more, opened, pushes
+        return len(changes), seq, more, opened, pushes  # the sealed bytes can go
 
     async def _apply(self, opened, seq, pushes):
         """Apply a fetched batch; False if it turned out stale (fetch it again)."""
