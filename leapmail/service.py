@@ -124,6 +124,12 @@ class StoreService(service.Service):
             lambda f: self.log.failure("could not create the standard mailboxes", f))
         self.log.info("store {path} open", path=self.database.path)
 
+    def bulk_import(self, active):
+        """Sync is catching up (``True``) or done (``False``): the full-text indexer
+        waits meanwhile, as for any bulk import."""
+        if self.account is not None:
+            self.account.text_indexer.bulk_imports += 1 if active else -1
+
     def stopService(self):
         service.Service.stopService(self)
         if self.account is not None:
@@ -319,7 +325,8 @@ def makeService(options):
         # Between the store and IMAP: started after the store opens, stopped before
         # it closes (children stop in reverse order).
         SyncService(store_service, WireKeys(bundle.storage_key), username, provider[0],
-                    provider[1], home.path, login_key=login_key).setServiceParent(top)
+                    provider[1], home.path, login_key=login_key,
+                    on_catching_up=store_service.bulk_import).setServiceParent(top)
     IMAPService(
         store_service, options["listen"], options["imap-port"], username,
         bundle.client_password, context_factory=tls,

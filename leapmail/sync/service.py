@@ -59,13 +59,14 @@ class SyncService(service.Service):
     log = Logger()
 
     def __init__(self, store_service, keys, address, provider_url, ca_pem, home_path,
-                 login_key=None, reactor=None):
+                 login_key=None, on_catching_up=lambda more: None, reactor=None):
         self._store_service = store_service
         self._keys = keys
         self._address = address
         self._url = provider_url
         self._ca_pem = ca_pem
         self._login_key = login_key
+        self._on_catching_up = on_catching_up
         self._status_path = os.path.join(home_path, STATUS_NAME)
         self._reactor = reactor
         self.client = None
@@ -142,16 +143,15 @@ class SyncService(service.Service):
             self._catching_up(False)
 
     def _catching_up(self, more):
-        """While the feed has more waiting (a new device catching up, or one back after
-        long), pulling is a bulk import: the mail core's full-text indexer waits until
-        it pauses, as for ``Account.append_many``, instead of taking turns with it at
-        the store's writer, where IMAP writes would wait behind both (see the
-        Performance section of docs/sync.rst)."""
-        account = getattr(self._store_service, "account", None)
-        if account is None or more == self._bulk_import:
+        """Tell ``on_catching_up`` when the feed starts and stops having more waiting
+        (a new device catching up, or one back after long): the daemon makes that a
+        bulk import for the mail core's full-text indexer, which then waits instead of
+        taking turns with sync at the store's writer, where IMAP writes would wait
+        behind both (see the Performance section of docs/sync.rst)."""
+        if more == self._bulk_import:
             return
         self._bulk_import = more
-        account.text_indexer.bulk_imports += 1 if more else -1
+        self._on_catching_up(more)
 
     def push_soon(self, delay=PUSH_DELAY):
         """Push after ``delay`` seconds, unless a push is already due sooner."""
