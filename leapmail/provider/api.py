@@ -722,12 +722,7 @@ class ProviderAPI:
         presented = sha256(login_key)
 
         def login():
-            account = self.storage.find_account(address)
-            known = account is not None and account.claimed
-            # Compare either way, so an unknown address takes the same time.
-            ok = hmac.compare_digest(presented, account.verifier if known else bytes(32))
-            if not (known and ok):
-                raise ApiError(401, "wrong address or login key")
+            account = self._proven_account(address, presented)
             try:
                 self.storage.add_device(account.user_id, device_id, device_name, token_hash,
                                         expires, self._now())
@@ -736,6 +731,18 @@ class ProviderAPI:
 
         await self._attempt(address, login)
         return 200, _dumps({"token": token, "device": device_id, "expires": expires})
+
+    def _proven_account(self, address, presented):
+        """The claimed account whose verifier ``presented`` (SHA-256 of a login key)
+        matches, else a 401 that is the same for an unknown address (on a storage
+        thread)."""
+        account = self.storage.find_account(address)
+        known = account is not None and account.claimed
+        # Compare either way, so an unknown address takes the same time.
+        ok = hmac.compare_digest(presented, account.verifier if known else bytes(32))
+        if not (known and ok):
+            raise ApiError(401, "wrong address or login key")
+        return account
 
     async def _change_passphrase(self, request):
         body = await self._body(request)
@@ -750,11 +757,7 @@ class ProviderAPI:
         presented = sha256(login_key)
 
         def change():
-            account = self.storage.find_account(address)
-            known = account is not None and account.claimed
-            ok = hmac.compare_digest(presented, account.verifier if known else bytes(32))
-            if not (known and ok):
-                raise ApiError(401, "wrong address or login key")
+            account = self._proven_account(address, presented)
             try:
                 self.storage.change_login(account.user_id, account.verifier, kdf, verifier,
                                           bundle)
