@@ -112,10 +112,12 @@ def append(daemon, mailbox, messages, flags=""):
 
 
 def by_subject(daemon, mailbox):
-    """``{subject: flags}`` of a mailbox."""
+    """``{subject: flags}`` of a mailbox, or ``None`` if it does not exist."""
     client = connect(daemon)
     try:
-        _, [count] = client.select(mailbox)
+        status, [count] = client.select(mailbox)
+        if status != "OK":
+            return None  # not there (yet): a new device creates or pulls it shortly
         if count == b"0":
             return {}
         _, data = client.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
