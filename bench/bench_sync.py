@@ -41,13 +41,11 @@ wrongly (a MISS is not a failure).
 import argparse
 import base64
 import hashlib
-import imaplib
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -246,15 +244,6 @@ def provider_doc_count(provider):
         conn.close()
 
 
-def connect(daemon):
-    client = imaplib.IMAP4(daemon.host, daemon.port)
-    # imaplib writes a command's parts separately: without this every command waits
-    # for a delayed ACK.
-    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client.login(daemon.user, daemon.password)
-    return client
-
-
 def imap_counts(client):
     """``{mailbox: MESSAGES}`` over STATUS (0 for a mailbox not there yet)."""
     out = {}
@@ -403,7 +392,7 @@ def _initial_sync(workdir, n, profile, profile_format, postgres):
             if profile:
                 spies = [Spy(two.pid, os.path.join(profile, f"device-two.{ext}")),
                          Spy(provider.pid, os.path.join(profile, f"provider-pull.{ext}"))]
-            client = connect(two)
+            client = two.imap()
             polls, appends, last_print, count = [], [], listening, 0
             while True:
                 t = time.perf_counter()

@@ -7,7 +7,7 @@ never a traceback.
 import argparse
 import sys
 
-from leapmail.errors import LeapmailError
+from leapmail.errors import LeapmailError, run_command
 from leapmail.home import Home, default_home
 from leapmail.passphrase import NEW_ENV, read_passphrase
 
@@ -181,16 +181,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not hasattr(args, "home"):
         args.home = default_home()
-    try:
-        args.run(args)
-    except LeapmailError as e:
-        print(f"leapmail: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("leapmail: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_command("leapmail", lambda: args.run(args))
 
 if __name__ == "__main__":
     sys.exit(main())

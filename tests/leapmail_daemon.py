@@ -12,10 +12,12 @@ whatever it might start; ``pid`` is the serving process (twistd -n does not fork
 for reading its memory (:func:`dovecot_server.vm_hwm`).
 """
 
+import imaplib
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -180,6 +182,15 @@ class LeapmailDaemon(TwistdProcess):
         self.run([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "leapmail",
                   "--home", self.home, "--imap-port", "0", *self.extra_args], timeout)
         return self
+
+    def imap(self):
+        """A logged-in imaplib client of the daemon."""
+        client = imaplib.IMAP4(self.host, self.port)
+        # imaplib sends a literal and its closing CRLF in two writes; with Nagle's
+        # algorithm the second waits for a delayed ACK, 40 ms an APPEND.
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.login(self.user, self.password)
+        return client
 
     def __enter__(self):
         return self.start()

@@ -10,7 +10,6 @@ import imaplib
 import os
 import random
 import re
-import socket
 import time
 
 import pytest
@@ -57,12 +56,7 @@ def devices(provider, tmp_path):
 
 
 def connect(daemon):
-    client = imaplib.IMAP4(daemon.host, daemon.port)
-    # imaplib sends a literal and its closing CRLF in two writes; with Nagle's
-    # algorithm the second waits for a delayed ACK, 40 ms an APPEND.
-    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client.login(daemon.user, daemon.password)
-    return client
+    return daemon.imap()
 
 
 def state(daemon):

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from leapmail.errors import LeapmailError
+from leapmail.errors import LeapmailError, run_command
 
 HOME_ENV = "LEAPMAIL_PROVIDER_HOME"
 
@@ -77,19 +77,7 @@ def main(argv=None):
             parser.error(f"--home DIR is required (or ${HOME_ENV})")
     if not hasattr(args, "database"):
         args.database = None
-    try:
-        args.run(args)
-    except LeapmailError as e:
-        print(f"leapmail-provider: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"leapmail-provider: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("leapmail-provider: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_command("leapmail-provider", lambda: args.run(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -120,10 +120,10 @@ class _LockFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = _recorded_pid(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLocked(db_path, holder if holder.isdigit() else None) from None
+                raise StoreLocked(db_path, None if holder is None else str(holder)) from None
             raise
         self.fd = fd
         self.record_pid()
@@ -140,6 +140,12 @@ class _LockFile:
             self.fd = None
 
 
+def _recorded_pid(fd):
+    """The pid a lock file names, or ``None`` (empty, or being rewritten)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 def lock_holder(db_path):
     """The pid of the process holding the store open, or ``None`` if none does."""
     try:
@@ -150,8 +156,8 @@ def lock_holder(db_path):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            return int(holder) if holder.isdigit() else 0
+            holder = _recorded_pid(fd)
+            return 0 if holder is None else holder
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

@@ -154,8 +154,11 @@ class Transaction(Queries):
             return self._put(doc_id, kind, content, None)
         old = self.get(doc_id, include_deleted=True)
         self._check(doc_id, old, kind, None)
+        return self._tombstone(old, doc_id, kind, content)
+
+    def _tombstone(self, old, doc_id, kind, note):
         new = Document(doc_id, kind, (old.rev if old else 0) + 1, self._counter.advance(),
-                       None if content is None else bytes(content), True)
+                       None if note is None else bytes(note), True)
         self._write(old, new)
         return new
 
@@ -186,10 +189,7 @@ class Transaction(Queries):
                 raise RevisionConflict(self.path, doc_id, expected_rev, old.rev if old else 0)
             return None
         self._check(doc_id, old, old.kind, expected_rev)
-        new = Document(doc_id, old.kind, old.rev + 1, self._counter.advance(),
-                       None if note is None else bytes(note), True)
-        self._write(old, new)
-        return new
+        return self._tombstone(old, doc_id, old.kind, note)
 
     def _check(self, doc_id, old, kind, expected_rev):
         current = old.rev if old and not old.deleted else 0

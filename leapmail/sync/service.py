@@ -23,7 +23,7 @@ import random
 import time
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from leapmail.fsutil import atomic_write
@@ -117,7 +117,7 @@ class SyncService(service.Service):
                 yield d
             except Exception:
                 pass
-        self._write_status_now()
+        yield self._write_status_now()
 
     # -- the loops ---------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class SyncService(service.Service):
 
         def write(result):
             status["pending"], status["pull_seq"] = result
-            self._dump(status)
+            return self._dump(status)
 
         d.addCallback(write)
         d.addErrback(lambda f: self._dump(status))
@@ -276,11 +276,12 @@ class SyncService(service.Service):
 
     def _dump(self, status):
         status["written"] = _now()
-        try:
-            atomic_write(self._status_path,
-                         (json.dumps(status, indent=1, sort_keys=True) + "\n").encode())
-        except OSError as e:
-            self.log.warn("cannot write {path}: {error}", path=self._status_path, error=e)
+        data = (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
+        # atomic_write fsyncs: on a thread, so the reactor never waits for the disk.
+        d = threads.deferToThread(atomic_write, self._status_path, data)
+        d.addErrback(lambda f: self.log.warn("cannot write {path}: {error}",
+                                             path=self._status_path, error=f.value))
+        return d
 
 
 def _now():
