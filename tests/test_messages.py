@@ -230,6 +230,28 @@ async def test_uids_increase_and_are_never_reused(account):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_import_source_is_imported_once_even_after_expunge_or_move(account):
+    raw = b"Subject: once\r\n\r\nbody"
+    assert await account.append("INBOX", raw, source=b"incoming\0a") == (
+        (await account.mailbox("INBOX")).uidvalidity, 1)
+    assert (await account.append("INBOX", raw, source=b"incoming\0a"))[1] is None
+    assert (await account.append("INBOX", raw, source=b"incoming\0b"))[1] == 2
+    _, uids = await account.append_many("INBOX", [
+        (raw, (), None, b"incoming\0a"), (raw, (), None, b"incoming\0c"),
+        (raw, (), None, b"incoming\0c"), (raw, (), None)])
+    assert uids == [None, 3, None, 4]
+    view = await account.select("INBOX")
+    await view.move([1], "Archive")
+    await view.store_flags([2], "add", ["\\Deleted"])
+    await view.expunge()
+    assert (await account.append("INBOX", raw, source=b"incoming\0a"))[1] is None
+    assert (await account.append("Archive", raw, source=b"incoming\0b"))[1] is None
+    assert (await account.status("INBOX"))["messages"] == 2
+    assert (await account.status("Archive"))["messages"] == 1
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_copy_shares_content_and_gc_removes_it_after_last_expunge(account):
     attachment = b"A" * 300_000  # big enough for a blob
     raw = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\nhello\r\n--x\r\n"

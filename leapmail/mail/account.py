@@ -217,11 +217,19 @@ class Account:
 
     # -- messages --------------------------------------------------------------------
 
-    async def append(self, mailbox, raw, flags=(), internal_date=None, tz_minutes=0):
+    async def append(self, mailbox, raw, flags=(), internal_date=None, tz_minutes=0,
+                     source=None):
         """Import ``raw`` into ``mailbox``; returns ``(uidvalidity, uid)``.
 
         ``internal_date`` is a Unix time; ``tz_minutes`` the zone it was given in, kept
         so that date searches and INTERNALDATE use the day as the client wrote it.
+
+        ``source`` (bytes) names where the message came from (a provider delivery, a
+        legacy server's UIDVALIDITY and UID, a file): an import with a source already
+        imported once adds nothing and returns ``(uidvalidity, None)``, even when the
+        message was expunged or moved since, and even when another device imported it
+        (the flags document id is derived from the source, so two devices' imports meet
+        as one document when they sync).
         """
         from leapmail.mail.message import prepare, store_prepared
 
@@ -231,13 +239,16 @@ class Account:
         return await store_prepared(
             self.store, [prepared],
             lambda txn: self._append_job(txn, name, prepared, flaglib.normalize(flags), date,
-                                         tz_minutes),
+                                         tz_minutes, source),
         )
 
     async def append_many(self, mailbox, messages):
-        """Import ``(raw, flags, internal_date)`` triples in one transaction (bulk import).
+        """Import ``(raw, flags, internal_date)`` triples, or ``(raw, flags,
+        internal_date, source)`` quadruples (see ``append``), in one transaction (bulk
+        import).
 
-        Returns ``(uidvalidity, [uid, ...])``.  All or nothing.
+        Returns ``(uidvalidity, [uid, ...])``, ``None`` for a source imported before.
+        All or nothing.
         """
         name = names.normalize(mailbox)
         self.text_indexer.bulk_imports += 1
@@ -250,26 +261,32 @@ class Account:
         from leapmail.mail.message import prepare, store_prepared
 
         prepared = await threads.deferToThread(
-            lambda: [prepare(raw, self.keyed_id) for raw, _, _ in messages]
+            lambda: [prepare(m[0], self.keyed_id) for m in messages]
         )
         now = int(time.time())
         entries = [
-            (p, flaglib.normalize(flags), now if date is None else int(date))
-            for p, (_, flags, date) in zip(prepared, messages)
+            (p, flaglib.normalize(m[1]), now if m[2] is None else int(m[2]),
+             m[3] if len(m) > 3 else None)
+            for p, m in zip(prepared, messages)
         ]
 
         def job(txn):
-            results = [self._append_job(txn, name, p, f, d, 0) for p, f, d in entries]
+            results = [self._append_job(txn, name, p, f, d, 0, s) for p, f, d, s in entries]
             return (results[0][0] if results else None), [uid for _, uid in results]
 
         return await store_prepared(self.store, prepared, job)
 
-    def _append_job(self, txn, name, prepared, flags, date, tz_minutes):
+    def _append_job(self, txn, name, prepared, flags, date, tz_minutes, source=None):
         from leapmail.mail.message import write_content
 
         info = _require(txn, name)
+        if source is None:
+            doc_id = _new_id("flg")
+        else:
+            doc_id = "flg-" + self.keyed_id("import", bytes(source))
+            if txn.get(doc_id, include_deleted=True) is not None:
+                return info.uidvalidity, None
         write_content(txn, prepared)
-        doc_id = _new_id("flg")
         txn.put(doc_id, FLAGS_KIND, codec.dumps({
             "mailbox": info.id, "message": prepared.id, "flags": flags, "date": date,
             "tz": tz_minutes,
