@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs: Dovecot, the reference for differential tests;
 # isync (mbsync) and offlineimap3, real sync clients run against the IMAP server;
-# PostgreSQL, the provider's second storage (tests start throw-away clusters of it).
-TEST_DEBS := dovecot-imapd isync offlineimap3 postgresql
+# PostgreSQL, the provider's second storage (tests start throw-away clusters of it);
+# swaks and msmtp, real SMTP clients for the MX, the submission port and the local SMTP.
+TEST_DEBS := dovecot-imapd isync offlineimap3 postgresql swaks msmtp
 RUN_HOME ?= .run/demo
 RUN_PASSPHRASE ?= leapmail-demo
 RUN_IMAP_PORT ?= 1984
