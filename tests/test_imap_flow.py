@@ -112,6 +112,15 @@ async def test_fetch_of_contents_beyond_one_reads_budget_comes_whole_and_in_orde
         return keep
 
     monkeypatch.setattr(fetchlib, "within_budget", observed)
+    from leapmail.imap import server as server_module
+    metas_read = []
+    read_meta = server_module.read_meta
+
+    def counted(queries, mailbox, uids, *args):
+        metas_read.append(len(uids))
+        return read_meta(queries, mailbox, uids, *args)
+
+    monkeypatch.setattr(server_module, "read_meta", counted)
     sizes = [3_000, 12_000, 30_000, 300_000, 500, 20_000, 9_000, 70_000] * 4
     messages = [b"Subject: %d\r\n\r\n" % i + bytes([97 + i % 26]) * size + b"\r\n"
                 for i, size in enumerate(sizes)]
@@ -136,3 +145,5 @@ async def test_fetch_of_contents_beyond_one_reads_budget_comes_whole_and_in_orde
                                                         messages[n - 1])
         for n in wanted) + b"f2 OK Fetch completed\r\n"
     assert any(keep < total for keep, total in cuts)  # reads did stop at the budget
+    # The metadata of what a read had no room for is carried, not read again.
+    assert sum(metas_read) == len(messages) + len(wanted)

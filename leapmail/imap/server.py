@@ -16,7 +16,6 @@ server:
 
 import base64
 import binascii
-import bisect
 import hmac
 import ipaddress
 from collections import deque
@@ -1061,23 +1060,36 @@ class LeapIMAPServer(imap4.IMAP4Server):
         else:
             size, ahead = fetchlib.CONTENT_BATCH, 1
 
-        def job(queries, batch):
-            metas = read_meta(queries, mailbox_id, batch, with_header)
-            left = 0
+        def job(queries, batch, carried=None):
+            # The metadata of messages a contents batch had no room for is carried to
+            # the next batch instead of read again: it is still true unless the store
+            # was written to in between.
+            generation = queries.generation() if ahead == 1 else None
+            if carried is not None and carried[1] == generation:
+                metas = carried[0]
+            else:
+                metas = read_meta(queries, mailbox_id, batch, with_header)
+            rest = None
             if ahead == 1:
                 keep = fetchlib.within_budget(metas)
                 if keep < len(metas):
-                    left = len(batch) - bisect.bisect_right(batch, metas[keep - 1].uid)
+                    rest = (metas[keep:], generation)
                     metas = metas[:keep]
             return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
                                          recent, condstore, want_content, newly_seen,
-                                         with_header), left
+                                         with_header), rest
 
         position = 0
         pending = deque()
+        carried = None
 
         def read_ahead():
-            nonlocal position
+            nonlocal position, carried
+            if carried is not None:
+                # Only with one read at a time: nothing was read past the carried rest.
+                rest, carried = carried, None
+                pending.append(store.read(job, [m.uid for m in rest[0]], rest))
+                return
             while position < len(uids) and len(pending) < ahead:
                 batch = uids[position:position + size]
                 position += len(batch)
@@ -1085,8 +1097,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
         read_ahead()
         while pending:
-            responses, left = await pending.popleft()
-            position -= left  # only with one read at a time: nothing was read past it
+            responses, carried = await pending.popleft()
             read_ahead()
             # One write per batch: the transport's cost is per write, not per byte.
             out = []
