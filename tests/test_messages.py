@@ -436,6 +436,8 @@ async def test_50mb_attachment_imports_and_streams_back_exactly(account):
     assert await view.search(("header", "subject", "big")) == [uid]
     # Over 16 MB the attachment stays out of the full-text index, its text part does not.
     assert await view.search(("body", "See attachment")) == [uid]
+    await account.text_indexer.flush()
+    assert await view.search(("body", "See attachment")) == [uid]
     assert await account.store.read(
         lambda q: q.execute("SELECT body FROM text_index").fetchone()[0]) == "See attachment."
     # The file name is in the part's header: TEXT finds it, BODY does not (as Dovecot).

@@ -159,13 +159,40 @@ async def _pending(account):
 @pytest_twisted.ensureDeferred
 async def test_text_search_right_after_import_sees_everything(account):
     batch = [(b"Subject: s%d\r\n\r\nbody word%d zebra\r\n" % (i, i % 7), (), None) for i in range(350)]
-    account.text_indexer.close()  # no background help: the search must finish the work
+    account.text_indexer.close()  # no background help: the search must scan the queue
     await account.append_many("INBOX", batch)
     assert (await _pending(account))[0] == 350
     view = await account.select("INBOX")
     found = await view.search(("body", "word3 zebra"))
     assert found == [i + 1 for i in range(350) if i % 7 == 3]
-    assert await _pending(account) == (0, 350)
+    # Answered without waiting for the index: the queue is the indexer's to work off.
+    assert await _pending(account) == (350, 0)
+    view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_search_over_indexed_and_queued_messages_alike(account):
+    from leapmail.mail.textindex import index_batch
+
+    def message(i):
+        return (b"Subject: =?utf-8?q?K=C3=B6ln_%d?=\r\n\r\nplain %s\r\n"
+                % (i, b"ZEBRA" if i % 3 == 0 else b"horse"), (), None)
+
+    account.text_indexer.close()
+    await account.append_many("INBOX", [message(i) for i in range(30)])
+    await index_batch(account.store, limit=1000)  # the first 30 are indexed
+    await account.append_many("INBOX", [message(i) for i in range(30, 60)])
+    await account.append_many("Archive", [message(i) for i in range(60, 70)])
+    assert await _pending(account) == (40, 30)
+    view = await account.select("INBOX")
+    zebras = [i + 1 for i in range(60) if i % 3 == 0]
+    assert await view.search(("body", "zebra")) == zebras
+    assert await view.search(("not", ("body", "zebra"))) == [
+        i for i in range(1, 61) if i not in zebras]
+    assert await view.search(("text", "köln 4")) == [5] + list(range(41, 51))
+    assert await view.search(("or", ("body", "ze"), ("text", "KÖLN 59"))) == zebras + [60]
+    assert await view.search(("and", [("body", "horse"), ("uid", [(30, 40)])])) == [
+        u for u in range(30, 41) if u - 1 not in range(0, 60, 3)]
     view.close()
 
 

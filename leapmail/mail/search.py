@@ -18,6 +18,9 @@ it knows — sequence numbers, \\Recent — into UID ranges first:
 
 Text matches are case-insensitive substring matches on decoded text (RFC 3501 6.4.4),
 served by the trigram full-text index for needles of three characters or more.
+Messages the background indexer has not reached yet (``text_pending``: right after a
+bulk import or a new device's first sync) are scanned instead, in the same read, so a
+search never waits for the index and never misses a message.
 """
 
 import json
@@ -54,17 +57,23 @@ def _balanced(op, parts):
     return f"({_balanced(op, parts[:middle])} {op} {_balanced(op, parts[middle:])})"
 
 
-def compile_query(node, params):
-    """SQL condition over ``m`` (a row of ``messages``) for ``node``."""
+def compile_query(node, params, unindexed=None):
+    """SQL condition over ``m`` (a row of ``messages``) for ``node``.
+
+    ``unindexed``: ``{(kind, text): [content_row, ...]}``, the messages not in the
+    text index yet that match each text key (see :func:`scan_unindexed`).
+    """
     kind = node[0]
     if kind == "all":
         return "1"
     if kind == "and":
-        return _balanced("AND", [compile_query(child, params) for child in node[1]] or ["1"])
+        return _balanced("AND", [compile_query(child, params, unindexed) for child in node[1]]
+                         or ["1"])
     if kind == "or":
-        return f"({compile_query(node[1], params)} OR {compile_query(node[2], params)})"
+        return (f"({compile_query(node[1], params, unindexed)} OR "
+                f"{compile_query(node[2], params, unindexed)})")
     if kind == "not":
-        return f"(NOT {compile_query(node[1], params)})"
+        return f"(NOT {compile_query(node[1], params, unindexed)})"
     if kind == "flag":
         params.append(node[1])
         return f"((m.sysflags & ?) {'!=' if node[2] else '='} 0)"
@@ -125,18 +134,67 @@ def compile_query(node, params):
                 "(" + _text_condition("headers", text, params) + " OR "
                 + _text_condition("body", text, params) + ")"
             )
-        return f"(m.content_row IN (SELECT rowid FROM text_index WHERE {condition}))"
+        indexed = f"m.content_row IN (SELECT rowid FROM text_index WHERE {condition})"
+        if not unindexed:
+            return f"({indexed})"
+        params.append(json.dumps(unindexed.get((kind, text), [])))
+        return f"({indexed} OR m.content_row IN (SELECT value FROM json_each(?)))"
     raise QueryError(f"unknown search key {kind!r}")
 
 
 def search(queries, mailbox_id, node):
     """UIDs in ``mailbox_id`` matching ``node``, ascending."""
     params = []
-    condition = compile_query(node, params)
+    unindexed = scan_unindexed(queries, mailbox_id, node) if uses_text(node) else None
+    condition = compile_query(node, params, unindexed)
     sql = (
         f"SELECT m.uid FROM messages m WHERE m.mailbox = ? AND {condition} ORDER BY m.uid"
     )
     return [uid for (uid,) in queries.execute(sql, (mailbox_id, *params))]
+
+
+def _text_keys(node, keys):
+    if node[0] in ("body", "text"):
+        if node[1]:
+            keys.add((node[0], node[1]))
+    elif node[0] == "and":
+        for child in node[1]:
+            _text_keys(child, keys)
+    elif node[0] in ("or", "not"):
+        for child in node[1:]:
+            _text_keys(child, keys)
+    return keys
+
+
+def scan_unindexed(queries, mailbox_id, node):
+    """``{(kind, text): [content_row, ...]}`` (None if nothing waits): which of the mailbox's messages still
+    waiting for the text index match each text key of ``node``, found by decoding
+    them one at a time as the indexer would, and matching as the index does."""
+    from leapmail.mail.message import load_content
+    from leapmail.mail.textindex import message_text
+
+    keys = _text_keys(node, set())
+    if not keys:
+        return None
+    found = {key: [] for key in keys}
+    rows = queries.execute(
+        "SELECT DISTINCT p.content_row, c.doc_id FROM text_pending p "
+        "JOIN contents c ON c.rowid = p.content_row "
+        "WHERE EXISTS (SELECT 1 FROM messages m WHERE m.content_row = p.content_row "
+        "AND m.mailbox = ?)", (mailbox_id,)).fetchall()
+    if not rows:
+        return None
+    folded = [(key, key[1].lower()) for key in keys]
+    for row, doc_id in rows:
+        content = load_content(queries, doc_id)
+        if content is None:
+            continue
+        headers, body = message_text(queries, content)
+        headers, body = headers.lower(), body.lower()
+        for key, needle in folded:
+            if needle in body or (key[0] == "text" and needle in headers):
+                found[key].append(row)
+    return found
 
 
 def uses_text(node):

@@ -179,10 +179,8 @@ class MailboxView:
 
     async def search(self, query):
         """UIDs matching a :mod:`leapmail.mail.search` query, ascending."""
-        from leapmail.mail.search import search, uses_text
+        from leapmail.mail.search import search
 
-        if uses_text(query):
-            await self.account.text_indexer.flush()
         return await self.account.store.read(search, self.info.id, query)
 
     def store_flags(self, uids, mode, flags, unchanged_since=None):

@@ -7,9 +7,9 @@ import does (about 0.7 ms for 10 KB of text), so import only queues the content
 writer, so imports go on meanwhile.  It starts when imports pause, or — for a
 steady stream of single APPENDs, which never pauses — after every :data:`BATCH` new
 contents; bulk imports (``Account.append_many``) are left to finish first.
-Work left over from a previous run resumes when the account opens.  A search that
-involves text first finishes the queue (as Dovecot indexes at search time), so its
-answer is always complete.
+Work left over from a previous run resumes when the account opens.  A text search
+does not wait for the queue: it scans what is still queued (see
+:func:`leapmail.mail.search.scan_unindexed`), so its answer is complete at once.
 """
 
 from twisted.internet import defer
