@@ -221,6 +221,38 @@ def test_concurrent_changes_while_apart_are_all_kept(provider, devices):
         assert by_subject(daemon, "Both") == {"from-one": [], "from-two": []}
 
 
+def test_a_copy_made_while_another_device_expunges_the_last_one_keeps_its_content(
+        provider, devices):
+    one, two = devices
+    # Small (one document), multipart (content and parts) and big (a chunked blob).
+    attachment = bytes(random.Random(3).getrandbits(8) for _ in range(400_000))
+    big = (b"From: bob@example.org\r\nSubject: big\r\nContent-Type: multipart/mixed; "
+           b"boundary=x\r\n\r\n--x\r\n\r\nsee attached\r\n--x\r\n"
+           b"Content-Type: application/octet-stream\r\n\r\n" + attachment + b"\r\n--x--\r\n")
+    small, parted = note("small"), (
+        b"Subject: parted\r\nContent-Type: multipart/alternative; boundary=y\r\n\r\n"
+        b"--y\r\nContent-Type: text/plain\r\n\r\n" + b"p" * 40_000 +
+        b"\r\n--y\r\nContent-Type: text/html\r\n\r\n<p>h</p>\r\n--y--\r\n")
+    append(one, "INBOX", [small, parted, big])
+    wait_same(one, two, lambda s: len(s["INBOX"]) == 3)
+
+    provider.stop()
+    c1, c2 = connect(one), connect(two)
+    c1.select("INBOX")
+    c2.select("INBOX")
+    # One expunges the only copy; two, not knowing, copies it elsewhere.
+    c1.uid("STORE", "1:*", "+FLAGS", "\\Deleted")
+    c1.expunge()
+    c2.uid("COPY", "1:*", "Archive")
+    c1.logout()
+    c2.logout()
+
+    provider.start()
+    want = sorted(hashlib.sha256(raw).hexdigest() for raw in (small, parted, big))
+    final = wait_same(one, two, lambda s: not s["INBOX"] and len(s.get("Archive", ())) == 3)
+    assert sorted(digest for digest, _ in final["Archive"]) == want
+
+
 def test_a_provider_and_a_device_killed_during_a_big_sync_lose_nothing(provider, tmp_path):
     rng = random.Random(5)
     one = first_device(provider, str(tmp_path / "one")).start()

@@ -371,7 +371,25 @@ def contains_folded(haystack, needle):
     return int(needle.lower() in haystack.lower())
 
 
+def content_in_use(txn, doc_id):
+    """A message content some message here refers to (see ``SchemaComponent.keepers``)."""
+    return txn.execute("SELECT 1 FROM messages WHERE content = ? LIMIT 1",
+                       (doc_id,)).fetchone() is not None
+
+
+def part_in_use(txn, doc_id):
+    """A part some content here is made of (rows exist while the content does)."""
+    return txn.execute("SELECT 1 FROM content_parts WHERE part = ? LIMIT 1",
+                       (doc_id,)).fetchone() is not None
+
+
+def blob_in_use(txn, blob_id):
+    """The blob of a part in use (a part's blob is named after it: ``blob-<part>``)."""
+    return blob_id.startswith("blob-") and part_in_use(txn, blob_id[len("blob-"):])
+
+
 from leapmail.mail.merge import MERGERS  # noqa: E402  (merge needs the kinds above)
+from leapmail.store.documents import BLOB_KIND  # noqa: E402
 
 MAIL = SchemaComponent(
     name="mail",
@@ -384,4 +402,7 @@ MAIL = SchemaComponent(
     },
     functions={"contains_folded": (2, contains_folded)},
     mergers=MERGERS,
+    # Two devices apart: one expunges a message's last copy (and so its content)
+    # while the other copies it. The content must outlive the expunge.
+    keepers={MESSAGE_KIND: content_in_use, PART_KIND: part_in_use, BLOB_KIND: blob_in_use},
 )

@@ -29,6 +29,9 @@ class SchemaComponent:
     #: How sync merges a document of a kind changed both here and elsewhere:
     #: ``{kind: merger(txn, local, remote) -> Document}`` (see leapmail.sync).
     mergers: dict = field(default_factory=dict)
+    #: Which documents another device deleted are to be kept here because something
+    #: here still uses them: ``{kind: in_use(txn, doc_id) -> bool}`` (see leapmail.sync).
+    keepers: dict = field(default_factory=dict)
 
     @property
     def version(self):

@@ -152,16 +152,18 @@ def _chunk_items(queries, keys, blob_id, deleted, content, budget):
     for seq in range(count):
         doc_id = f"{blob_id}#{seq}"
         wire_id = keys.wire_id(CHUNK_KIND, doc_id)
-        if _sync_row(queries, wire_id) is not None:
+        row = _sync_row(queries, wire_id)
+        if row is not None and row[1] != CHUNK_REPUSH:
             continue
+        base = row[0] if row is not None else 0
         row = queries.execute(
             "SELECT data FROM blob_chunks WHERE blob_id = ? AND seq = ?", (blob_id, seq)
         ).fetchone()
         data = bytes(row[0]) if row else b""
         if items and used + len(data) > budget:
             return items, False
-        items.append(Outgoing(wire_id, CHUNK_KIND, doc_id, 0, 0,
-                              keys.seal(CHUNK_KIND, doc_id, 1, data)))
+        items.append(Outgoing(wire_id, CHUNK_KIND, doc_id, base, 0,
+                              keys.seal(CHUNK_KIND, doc_id, base + 1, data)))
         used += len(data)
     return items, True
 
@@ -202,20 +204,25 @@ def open_all(keys, changes):
     return opened
 
 
-def apply_pulled(txn, mergers, opened, pull_seq=None):
-    """A write job: apply opened documents, merging with local changes; all or nothing."""
+def apply_pulled(txn, mergers, opened, pull_seq=None, keepers=None):
+    """A write job: apply opened documents, merging with local changes; all or nothing.
+
+    ``keepers`` (``{kind: in_use(txn, doc_id)}``) name the kinds whose deletion by
+    another device is refused while something here still uses the document: a
+    message content expunged there while it was copied here stays, and is pushed
+    again, live, on top of the deletion."""
     batch = _Batch(txn, opened)
     for item in opened:
-        _apply_one(txn, mergers, batch, *item)
+        _apply_one(txn, mergers, keepers or {}, batch, *item)
     batch.write_records()
     if pull_seq is not None:
         set_state(txn, "pull_seq", pull_seq)
 
 
-def timed_apply_pulled(txn, mergers, opened, pull_seq=None):
+def timed_apply_pulled(txn, mergers, opened, pull_seq=None, keepers=None):
     """:func:`apply_pulled`; returns how long it took (seconds, on the writer)."""
     started = time.perf_counter()
-    apply_pulled(txn, mergers, opened, pull_seq)
+    apply_pulled(txn, mergers, opened, pull_seq, keepers)
     return time.perf_counter() - started
 
 
@@ -275,7 +282,12 @@ def _same(a, b):
     return bool(a.deleted) == bool(b.deleted) and (a.content or None) == (b.content or None)
 
 
-def _apply_one(txn, mergers, batch, wire_id, rev, kind, doc_id, deleted, content):
+#: ``synced_gen`` of a blob chunk whose deletion elsewhere was refused here: pushed
+#: again (on top of that deletion) with its blob.
+CHUNK_REPUSH = -1
+
+
+def _apply_one(txn, mergers, keepers, batch, wire_id, rev, kind, doc_id, deleted, content):
     row = batch.row(wire_id)
     if row is not None:
         if rev < row[0]:
@@ -286,6 +298,10 @@ def _apply_one(txn, mergers, batch, wire_id, rev, kind, doc_id, deleted, content
             return  # our own push, echoed by the feed; or a batch repeated
     if kind == CHUNK_KIND:
         blob_id, _, seq = doc_id.rpartition("#")
+        in_use = keepers.get(BLOB_KIND)
+        if deleted and in_use is not None and in_use(txn, blob_id):
+            batch.record(wire_id, doc_id, kind, rev, CHUNK_REPUSH)
+            return
         if deleted:
             txn.execute("DELETE FROM blob_chunks WHERE blob_id = ? AND seq = ?",
                         (blob_id, int(seq)))
@@ -298,6 +314,14 @@ def _apply_one(txn, mergers, batch, wire_id, rev, kind, doc_id, deleted, content
     local = batch.local(doc_id)
     if local is not None and local.kind != kind:
         raise SyncRefused(f"document {wire_id} changes kind from {local.kind} to {kind}")
+    if deleted and local is not None and not local.deleted:
+        in_use = keepers.get(kind)
+        if in_use is not None and in_use(txn, doc_id):
+            # Written again: a new local revision, pushed on top of the deletion.
+            txn.write(doc_id, kind, local.content, deleted=False)
+            batch.wrote(doc_id)
+            batch.record(wire_id, doc_id, kind, rev, 0)
+            return
     dirty = local is not None and (row is None or local.gen > row[1])
     synced = row[1] if row else 0
     if local is not None and _same(local, remote):
@@ -344,9 +368,10 @@ class Replicator:
         self.store = store
         self.keys = keys
         self.client = client
-        self.mergers = {}
+        self.mergers, self.keepers = {}, {}
         for component in store.database.components:
             self.mergers.update(component.mergers)
+            self.keepers.update(component.keepers)
         # Local writes of the exchange (applying a batch, recording a push) one at a time.
         self._lock = defer.DeferredLock()
         # One pull at a time: the pull loop and a push settling a conflict both pull,
@@ -420,7 +445,8 @@ class Replicator:
         opened = await threads.deferToThread(open_all, self.keys, changes)
         await self._lock.acquire()
         try:
-            await self.store.transact(apply_pulled, self.mergers, opened)
+            await self.store.transact(apply_pulled, self.mergers, opened, None,
+                                          self.keepers)
         finally:
             self._lock.release()
 
@@ -484,7 +510,8 @@ class Replicator:
         """Apply a fetched batch; False if it turned out stale (fetch it again)."""
         await self._lock.acquire()
         try:
-            took = await self.store.transact(timed_apply_pulled, self.mergers, opened, seq)
+            took = await self.store.transact(timed_apply_pulled, self.mergers, opened, seq,
+                                                 self.keepers)
         except Replayed:
             if pushes != self._pushes:
                 return False  # an old revision, but not a replay: we pushed meanwhile
