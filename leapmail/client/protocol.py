@@ -57,7 +57,9 @@ class IdleClient(IMAP4Client):
         if not self.greeted.called:
             self.greeted.errback(reason)
         if not self.lost.called:
-            self.lost.callback(reason)
+            # The reason as a plain value: losing the connection is news, not an error
+            # someone must consume (a Failure nobody handles is logged as unhandled).
+            self.lost.callback(reason.value)
 
     # -- news --------------------------------------------------------------------------
 

@@ -240,7 +240,6 @@ class Fetcher:
             try:
                 if client is None:
                     client = await self.connect()
-                    client.lost.addBoth(lambda _: None)
                 while self._dirty and self._running:
                     name = min(self._dirty)
                     self._dirty.discard(name)

@@ -247,8 +247,9 @@ async def _export_mbox(account, view, target, fmt, progress):
             # 64 MiB a message may be).
             raw = await _collect(pieces)
             if fmt == "mboxo" and formats.mboxo_ambiguous(raw):
-                progress.problem(f"{view.info.name} UID {meta.uid}: a line starts with "
-                                 "'>From ', which mboxo reads back as 'From '")
+                progress.note(f"warning: {view.info.name} UID {meta.uid}: a line starts "
+                              "with '>From ', which mboxo reads back as 'From ' (mboxrd "
+                              "would not)")
             pending.append(formats.mbox_entry(raw, meta.internal_date, fmt))
             pending_size += len(pending[-1])
             count, size = count + 1, size + len(raw)
