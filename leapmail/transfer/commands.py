@@ -77,8 +77,15 @@ def _open(args):
     return home, bundle
 
 
-def _with_account(args, work):
-    """Run ``await work(reactor, account)`` on the reactor with the account open."""
+def _with_account(args, work, stopped=None):
+    """Run ``await work(reactor, account)`` on the reactor with the account open.
+
+    SIGINT and SIGTERM fire ``stopped`` if given (the work ends itself, cleanly),
+    else stop the reactor: the batches committed so far stay, and the command ends
+    as interrupted.
+    """
+    import signal
+
     from leapmail.cli import _run
     from leapmail.mail.account import Account
     from leapmail.store import StoreLocked
@@ -86,6 +93,14 @@ def _with_account(args, work):
     home, bundle = _open(args)
 
     async def main(reactor):
+        def on_signal(signum, frame):
+            if stopped is not None:
+                reactor.callFromThread(lambda: stopped.called or stopped.callback(None))
+            else:
+                reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         try:
             store = home.open_store(bundle, reactor=reactor)
         except StoreLocked as e:
@@ -200,6 +215,7 @@ def run_fetch(args):
             raise LeapmailError(f"cannot read {args.ca}: {e.strerror}") from None
     password = _password(args)
     progress = _progress("fetch")
+    stopped = defer.Deferred() if args.follow else None
 
     async def work(reactor, account):
         connect = partial(open_session, reactor, host, port, user, password, security,
@@ -209,10 +225,9 @@ def run_fetch(args):
         if not args.follow:
             return problems
         progress.note(f"copied; following new mail ({progress.summary()})")
-        # Until interrupted: Ctrl-C or SIGTERM ends the process, and what was
-        # imported is committed (each batch is one transaction).
-        await fetcher.follow(boxes or ["INBOX"], defer.Deferred())
+        # Until Ctrl-C or SIGTERM: then the connections close and the store with them.
+        await fetcher.follow(boxes or ["INBOX"], stopped)
         return problems
 
-    problems = _with_account(args, work)
+    problems = _with_account(args, work, stopped)
     _finish(progress, problems, "fetched")

@@ -127,8 +127,18 @@ class Fetcher:
             for name, delimiter, selectable in chosen:
                 local = local_name(name, delimiter)
                 await ensure_mailbox(self.account, local)
-                if selectable:
+                if not selectable:
+                    continue
+                try:
                     await self.sync_mailbox(client, name)
+                except IMAP4Exception as e:
+                    self.progress.problem(f"{name}: the server refused it ({_reason(e)}); "
+                                          "skipped")
+        except LeapmailError:
+            raise
+        except Exception as e:
+            raise FetchError(f"fetching failed: {_reason(e)}; what was fetched is kept, "
+                             "and running the command again resumes") from None
         finally:
             await _logout(client)
         return self.progress.problems
