@@ -41,6 +41,10 @@ class MailboxListener:
 class IdleClient(IMAP4Client):
     """An ``IMAP4Client`` that can IDLE and reports all mailbox news to ``listener``."""
 
+    #: Largest literal taken from the server (None: any).  Twisted keeps a literal
+    #: whole (in memory once read), so a bigger one ends the connection instead.
+    max_literal = None
+
     def __init__(self, contextFactory=None):
         super().__init__(contextFactory)
         self.listener = MailboxListener()
@@ -60,6 +64,13 @@ class IdleClient(IMAP4Client):
             # The reason as a plain value: losing the connection is news, not an error
             # someone must consume (a Failure nobody handles is logged as unhandled).
             self.lost.callback(reason.value)
+
+    def _setupForLiteral(self, rest, octets):
+        if self.max_literal is not None and octets > self.max_literal:
+            self.literal_refused = octets
+            self.transport.abortConnection()
+            return
+        super()._setupForLiteral(rest, octets)
 
     # -- news --------------------------------------------------------------------------
 

@@ -122,6 +122,11 @@ class Fetcher:
     async def run_once(self):
         """Copy every chosen mailbox; returns the number of problems."""
         client = await self.connect()
+        # Twisted would hold any literal whole in memory: one over the size limit ends
+        # the connection instead.
+        client.max_literal = self.max_size
+        # The text index is built when the daemon next opens the account.
+        self.account.text_indexer.bulk_imports += 1
         try:
             chosen = await self.mailboxes(client)
             for name, delimiter, selectable in chosen:
@@ -137,9 +142,13 @@ class Fetcher:
         except LeapmailError:
             raise
         except Exception as e:
-            raise FetchError(f"fetching failed: {_reason(e)}; what was fetched is kept, "
+            refused = getattr(client, "literal_refused", None)
+            why = (f"the server sent {refused} bytes at once, over the size limit of "
+                   f"{self.max_size}" if refused else _reason(e))
+            raise FetchError(f"fetching failed: {why}; what was fetched is kept, "
                              "and running the command again resumes") from None
         finally:
+            self.account.text_indexer.bulk_imports -= 1
             await _logout(client)
         return self.progress.problems
 
@@ -185,10 +194,18 @@ class Fetcher:
         self.progress.set_total(
             total=(self.progress.total or 0) + len(todo),
             total_bytes=sum(t[1] for t in todo) + self.progress.bytes)
-        for batch in _batches(todo):
+        def download(batch):
             uidset = ",".join(str(t[0]) for t in batch).encode("ascii")
-            lines, _ = await client.sendCommand(Command(
+            return client.sendCommand(Command(
                 b"UID FETCH", uidset + b" (UID BODY.PEEK[])", wantResponse=(b"FETCH",)))
+
+        batches = list(_batches(todo))
+        upcoming = download(batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            lines, _ = await upcoming
+            # The next batch downloads while this one is prepared and written: two
+            # batches in memory at most.
+            upcoming = download(batches[i + 1]) if i + 1 < len(batches) else None
             bodies = _fetch_items(lines)
             messages = []
             for uid, _size, flags, date, tz in batch:
@@ -201,7 +218,12 @@ class Fetcher:
                     continue
                 messages.append((raw, flags, date, sources[uid], tz))
             if messages:
-                await self.account.append_many(local, messages)
+                try:
+                    await self.account.append_many(local, messages)
+                except BaseException:
+                    if upcoming is not None:
+                        upcoming.addErrback(lambda _: None)
+                    raise
             self.progress.advance(messages=len(messages),
                                   nbytes=sum(len(m[0]) for m in messages), label=local)
         self.high_water[name] = (uidvalidity, listing[-1][0])
@@ -250,6 +272,7 @@ class Fetcher:
             try:
                 if client is None:
                     client = await self.connect()
+                    client.max_literal = self.max_size
                 while self._dirty and self._running:
                     name = min(self._dirty)
                     self._dirty.discard(name)

@@ -66,7 +66,10 @@ async def ensure_mailbox(account, name):
             pass
 
 
-def _take(items, count, size):
+def _take(items, count, size, consumed):
+    """The next batch, and how much input reading it took (``consumed`` is the
+    counter the reader advances: only the reading thread touches it)."""
+    before = consumed[0]
     batch, total = [], 0
     for item in items:
         batch.append(item)
@@ -74,7 +77,7 @@ def _take(items, count, size):
             total += len(item.raw)
         if len(batch) >= count or total >= size:
             break
-    return batch
+    return batch, consumed[0] - before
 
 
 def _reader(path, fmt, max_size, consumed):
@@ -107,14 +110,43 @@ async def import_path(account, path, fmt, mailbox, progress, max_size=MAX_MESSAG
 
     items = _reader(path, fmt, max_size, count)
     known = set()
+    # The text index is built when the daemon next opens the account, not between
+    # batches here: the writer stays free for the import.
+    account.text_indexer.bulk_imports += 1
+    try:
+        await _import_batches(account, items, mailbox, progress, consumed, known)
+    finally:
+        account.text_indexer.bulk_imports -= 1
+    return progress.problems
+
+
+async def _import_batches(account, items, mailbox, progress, consumed, known):
+    ahead = []
+
+    def take():
+        ahead[:] = [threads.deferToThread(_take, items, BATCH_MESSAGES, BATCH_BYTES, consumed)]
+        return ahead[0]
+
+    try:
+        await _store_batches(account, mailbox, progress, known, take)
+    except BaseException:
+        if ahead:
+            # The read ahead may fail too: its error is this one's consequence.
+            ahead[0].addErrback(lambda _: None)
+        raise
+
+
+async def _store_batches(account, mailbox, progress, known, take):
+    upcoming = take()
     while True:
         try:
-            batch = await threads.deferToThread(_take, items, BATCH_MESSAGES, BATCH_BYTES)
+            batch, read = await upcoming
         except formats.FormatError as e:
             raise TransferError(str(e)) from None
         if not batch:
             break
-        read, consumed[0] = consumed[0], 0
+        # Read the next batch while this one is prepared and written.
+        upcoming = take()
         by_mailbox = {}
         for item in batch:
             if isinstance(item, formats.Problem):
@@ -137,7 +169,6 @@ async def import_path(account, path, fmt, mailbox, progress, max_size=MAX_MESSAG
             read = 0
         if read:
             progress.advance(consumed=read)
-    return progress.problems
 
 
 # -- export ----------------------------------------------------------------------------
