@@ -276,3 +276,23 @@ def test_fetch_over_starttls_from_a_leapmail_daemon(home, tmp_path):
                               "--ca", os.path.join(daemon.home, "tls-cert.pem")))
         assert fetched(result) == 5
     assert exported(home, tmp_path, "out") == {"": sorted(added)}
+
+
+def test_a_message_over_the_size_limit_is_reported_and_the_rest_fetched(home, dovecot,
+                                                                       tmp_path):
+    from leapmail.mail.message import MAX_MESSAGE_SIZE
+
+    small = [(make_message(i, random.Random(i)), ["\\Seen"], 1500000000 + i) for i in range(3)]
+    line = b"y" * 998 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + line * (MAX_MESSAGE_SIZE // len(line) + 1)
+    dovecot.deliver(small[:2] + [(big, [], 1500000100)] + small[2:])
+    result = run_fetch(home, "--insecure", url(dovecot))
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert (f"fetch: INBOX UID 3: {len(big)} bytes, over the size limit of "
+            f"{MAX_MESSAGE_SIZE} bytes; skipped\n") in stderr
+    assert stderr.endswith("leapmail: 1 messages could not be fetched (see above); "
+                           "the others are\n")
+    assert fetched(result) == 3
+    assert exported(home, tmp_path, "out") == {
+        "": sorted((raw, "S", date) for raw, _, date in small)}

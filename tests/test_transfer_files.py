@@ -300,3 +300,58 @@ def test_import_refuses_while_the_daemon_runs(tmp_path):
                 f"leapmail: the daemon (pid {daemon.pid}) has the store open; stop it "
                 f"first ({args[0]} needs the store to itself)\n")
             assert result.stdout == b""
+
+
+# -- the formats, bytes in and out -------------------------------------------------------
+
+def test_from_line_dates_and_status_flags():
+    from leapmail.transfer.formats import from_line_date, status_flags
+
+    assert from_line_date(b"From a@b Sat Jul 15 02:40:00 2017\n") == 1500086400
+    assert from_line_date(b"From a@b  Mon Jan  1 00:00:00 2024\n") == 1704067200
+    assert from_line_date(b"From a@b Mon Jan  1 00:00:00 2024 +0000\n") == 1704067200
+    assert from_line_date(b"From a@b yesterday\n") is None
+    assert status_flags(b"Subject: x\nStatus: RO\nX-Status: AF") == (
+        "\\Seen", "\\Answered", "\\Flagged")
+    assert status_flags(b"Subject: x\nStatus: O\n") == ()
+
+
+def test_maildir_names_and_flags():
+    from leapmail.transfer.formats import maildir_info, maildir_letters
+
+    assert maildir_info("1.M2P3.host:2,DFPRST") == (
+        "\\Draft", "\\Flagged", "$Forwarded", "\\Answered", "\\Seen", "\\Deleted")
+    assert maildir_info("1.M2P3.host:2,Sab") == ("\\Seen",)
+    assert maildir_info("1.M2P3.host") == ()
+    assert maildir_letters(["\\Seen", "\\flagged", "$Forwarded", "custom"]) == "FPS"
+
+
+def test_mbox_reader_bounds_a_message_and_keeps_line_ends(tmp_path):
+    from leapmail.transfer.formats import Message, Problem, read_mbox
+
+    data = (b"From x Mon Jan  1 00:00:00 2024\r\nSubject: a\r\n\r\nbody\r\n\r\n"
+            b"From x Mon Jan  1 00:00:01 2024\nSubject: big\n\n" + b"z" * 5000 + b"\n\n"
+            b"From x Mon Jan  1 00:00:02 2024\nSubject: c\n\nno line end at the end")
+    (tmp_path / "m").write_bytes(data)
+    got = list(read_mbox(str(tmp_path / "m"), max_size=1000))
+    assert [type(g) for g in got] == [Message, Problem, Message]
+    assert got[0].raw == b"Subject: a\r\n\r\nbody\r\n"
+    assert got[0].date == 1704067200
+    assert got[1].reason == "over the size limit of 1000 bytes"
+    assert got[2].raw == b"Subject: c\n\nno line end at the end"
+
+
+def test_progress_bar_on_a_terminal_counts_bytes_and_messages():
+    import io
+
+    from leapmail.transfer.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress("import", total_bytes=2000, stream=out, bar=True)
+    progress.advance(messages=3, nbytes=1000, consumed=1000)
+    progress.close()
+    text = out.getvalue()
+    assert "import:  50%" in text
+    # Bytes of the total, the time left, and the message count.
+    assert re.search(r"\| 1\.00k/2\.00k \[00:00<00:00, [0-9.]+[kMG]?B/s, 3 messages, 3 new "
+                     r"\(1\.0 kB\)\]", text), text
