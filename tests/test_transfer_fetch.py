@@ -170,7 +170,8 @@ def test_fetch_interrupted_twice_then_resumed_copies_each_message_once(home, dov
 
 def test_follow_imports_new_mail_as_idle_announces_it(home, dovecot, tmp_path):
     expected = fill(dovecot, {None: 5, "Work": 3})
-    run = Running(home, "--follow", url(dovecot))
+    # Named in lower case: the server's spelling is what counts (no duplicates).
+    run = Running(home, "--follow", url(dovecot, "inbox,Work"))
     try:
         run.wait_for(lambda line: line == "fetch: following INBOX\n")
         conn = imaplib.IMAP4(dovecot.host, dovecot.port)

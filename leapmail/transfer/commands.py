@@ -226,7 +226,7 @@ def run_fetch(args):
             return problems
         progress.note(f"copied; following new mail ({progress.summary()})")
         # Until Ctrl-C or SIGTERM: then the connections close and the store with them.
-        await fetcher.follow(boxes or ["INBOX"], stopped)
+        await fetcher.follow(fetcher.to_follow(), stopped)
         return problems
 
     problems = _with_account(args, work, stopped)

@@ -94,6 +94,7 @@ class Fetcher:
         self.delimiters = {}
         self.high_water = {}  # server mailbox -> (uidvalidity, highest UID imported)
         self.oversize = set()
+        self.chosen = []
 
     # -- one pass ----------------------------------------------------------------------
 
@@ -117,7 +118,15 @@ class Fetcher:
                 chosen.append(found[key])
         for name, delimiter, _ in chosen:
             self.delimiters[name] = delimiter
+        self.chosen = [name for name, _, selectable in chosen if selectable]
         return chosen
+
+    def to_follow(self):
+        """The server's names of the mailboxes ``--follow`` watches: those named, or
+        INBOX (after :meth:`run_once`, which learns the server's spelling)."""
+        if self.wanted is not None:
+            return self.chosen
+        return [name for name in self.chosen if name.upper() == "INBOX"]
 
     async def run_once(self):
         """Copy every chosen mailbox; returns the number of problems."""
@@ -319,7 +328,7 @@ class _Watcher(MailboxWatcher):
     may have arrived while it was connecting."""
 
     def __init__(self, reactor, connect, name, listener, fetcher):
-        super().__init__(reactor, connect, name, listener)
+        super().__init__(reactor, connect, name, listener, readonly=True)
         self.fetcher = fetcher
         self._said = False
 
