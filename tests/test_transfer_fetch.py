@@ -191,6 +191,19 @@ def test_follow_imports_new_mail_as_idle_announces_it(home, dovecot, tmp_path):
             line = run.wait_for(lambda line: "new messages imported" in line, timeout=30)
             imported += int(re.match(r"fetch: INBOX: (\d+) new", line).group(1))
         assert imported == 10
+        # The server drops every connection: the watcher says so, reconnects with
+        # backoff, and mail appended meanwhile still arrives.
+        for pid in dovecot.imap_pids():
+            os.kill(pid, signal.SIGKILL)
+        run.wait_for(lambda line: line.startswith("fetch: watching INBOX failed ("))
+        raw = make_message(10100, random.Random(1))
+        conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+        conn.login(dovecot.user, dovecot.password)
+        assert conn.append("INBOX", "(\\Flagged)", imaplib.Time2Internaldate(1650000000),
+                           raw)[0] == "OK"
+        conn.logout()
+        added.append((raw, "F", 1650000000))
+        run.wait_for(lambda line: line == "fetch: INBOX: 1 new messages imported\n")
     finally:
         run.process.send_signal(signal.SIGINT)
         status = run.process.wait(timeout=60)

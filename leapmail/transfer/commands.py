@@ -152,6 +152,19 @@ def run_export(args):
     _finish(progress, problems, "exported")
 
 
+def _show_warnings(progress):
+    """Show leapmail's own warnings (a watcher reconnecting, and why) on stderr."""
+    from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+
+    def observer(event):
+        if (event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+                and event.get("log_namespace", "").startswith("leapmail.")):
+            progress.note(formatEvent(event))
+
+    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True,
+                                     redirectStandardIO=False)
+
+
 def parse_url(url):
     """``(security, host, port, user, [mailbox] or None)`` of an imap(s):// URL."""
     parts = urlsplit(url)
@@ -225,6 +238,7 @@ def run_fetch(args):
         if not args.follow:
             return problems
         progress.note(f"copied; following new mail ({progress.summary()})")
+        _show_warnings(progress)
         # Until Ctrl-C or SIGTERM: then the connections close and the store with them.
         await fetcher.follow(fetcher.to_follow(), stopped)
         return problems
