@@ -355,3 +355,39 @@ def test_progress_bar_on_a_terminal_counts_bytes_and_messages():
     # Bytes of the total, the time left, and the message count.
     assert re.search(r"\| 1\.00k/2\.00k \[00:00<00:00, [0-9.]+[kMG]?B/s, 3 messages, 3 new "
                      r"\(1\.0 kB\)\]", text), text
+
+
+def test_interrupted_imports_resume_without_duplicates(home, tmp_path):
+    import signal
+
+    rng_raws = [raw for _, raw in generated(120) if raw.endswith(b"\n")]
+    raws = [b"X-Copy: %d\r\n" % i + rng_raws[i % len(rng_raws)] for i in range(3000)]
+    dates = [1500000000 + 60 * i for i in range(len(raws))]
+    data = mboxrd_file(raws, dates)
+    (tmp_path / "big.mbox").write_bytes(data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAPMAIL_")}
+    env["LEAPMAIL_PASSPHRASE"] = PASS
+    done = []
+    for how, status in ((signal.SIGINT, 130), (signal.SIGKILL, -9)):
+        process = subprocess.Popen(
+            [os.path.join(BIN, "leapmail"), "--home", home, "import", str(tmp_path / "big.mbox"),
+             "--mailbox", "Big"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, env=env)
+        first = process.stderr.readline()  # one line per batch: a batch is in
+        assert first.startswith(b"import Big: "), first
+        process.send_signal(how)
+        assert process.wait(timeout=60) == status
+        rest = process.stderr.read()
+        process.stderr.close()
+        process.stdout.close()
+        if how == signal.SIGINT:
+            assert rest.endswith(b"leapmail: interrupted\n"), rest
+        assert b"Traceback" not in rest
+        done.append(first)
+    result = ok(leapmail("--home", home, "import", str(tmp_path / "big.mbox"),
+                         "--mailbox", "Big"))
+    count, line = imported(result)
+    assert 0 < count < len(raws), line
+    assert f"{len(raws) - count} were there before" in line
+    ok(leapmail("--home", home, "export", "--mailbox", "Big", str(tmp_path / "out")))
+    assert (tmp_path / "out").read_bytes() == data

@@ -68,13 +68,13 @@ def _open(args):
     from leapmail.store.database import lock_holder
 
     home = Home(args.home)
-    bundle = home.unlock(read_passphrase())
+    # Before the passphrase: no use typing it for a store that cannot be opened.
     holder = lock_holder(home.store_path)
     if holder is not None:
         who = f" (pid {holder})" if holder else ""
         raise LeapmailError(f"the daemon{who} has the store open; stop it first "
                             f"({args.command} needs the store to itself)")
-    return home, bundle
+    return home, home.unlock(read_passphrase())
 
 
 def _with_account(args, work, stopped=None):
