@@ -47,7 +47,11 @@ def parse_internaldate(text):
 
 
 def local_name(name, delimiter):
-    """The store's name for a server's mailbox: its hierarchy delimiter becomes "/"."""
+    """The store's name for a server's mailbox: its hierarchy delimiter becomes "/".
+
+    A "/" inside a level (possible where the delimiter is another character) would
+    split it in two here: it becomes "-".
+    """
     if delimiter and delimiter != names.DELIMITER:
         name = name.replace(names.DELIMITER, "-").replace(delimiter, names.DELIMITER)
     return names.normalize(name)
