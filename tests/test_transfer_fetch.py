@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import pytest_twisted
 
 from dovecot_server import DovecotServer
 from test_transfer_files import PASS, leapmail, ok, read_maildir
@@ -310,3 +311,35 @@ def test_a_message_over_the_size_limit_is_reported_and_the_rest_fetched(home, do
     assert fetched(result) == 3
     assert exported(home, tmp_path, "out") == {
         "": sorted((raw, "S", date) for raw, _, date in small)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_over_implicit_tls(account, tmp_path):
+    """imaps://: TLS from the first byte, from leapmail's IMAP server on a TLS port."""
+    from twisted.internet import reactor
+
+    from imap_support import PASSWORD, USER, in_thread
+    from leapmail.imap.server import IMAPServerFactory
+    from leapmail.tls import context_factory
+
+    added = []
+    for i in range(3):
+        raw = make_message(30000 + i, random.Random(i))
+        await account.append("INBOX", raw, ["\\Seen"] if i else [], 1400000000 + i)
+        added.append((raw, "S" if i else "", 1400000000 + i))
+    certificates = str(tmp_path / "tls")
+    os.makedirs(certificates)
+    port = reactor.listenSSL(0, IMAPServerFactory(account, USER, PASSWORD),
+                             context_factory(certificates), interface="127.0.0.1")
+    try:
+        home = str(tmp_path / "acct")
+        await in_thread(lambda: ok(leapmail("init", "--home", home, "--address", "me@x.org")))
+        address = f"imaps://{USER}@127.0.0.1:{port.getHost().port}/"
+        result = await in_thread(
+            run_fetch, home, address, "--ca", os.path.join(certificates, "tls-cert.pem"),
+            password=PASSWORD)
+        assert fetched(ok(result)) == 3
+        out = await in_thread(exported, home, tmp_path, "out")
+    finally:
+        await port.stopListening()
+    assert out == {"": sorted(added)}
