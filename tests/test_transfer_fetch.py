@@ -306,8 +306,8 @@ def test_a_message_over_the_size_limit_is_reported_and_the_rest_fetched(home, do
     stderr = result.stderr.decode()
     assert (f"fetch: INBOX UID 3: {len(big)} bytes, over the size limit of "
             f"{MAX_MESSAGE_SIZE} bytes; skipped\n") in stderr
-    assert stderr.endswith("leapmail: 1 messages could not be fetched (see above); "
-                           "the others are\n")
+    assert stderr.endswith("leapmail: 1 problem (see above); everything else was "
+                           "fetched\n")
     assert fetched(result) == 3
     assert exported(home, tmp_path, "out") == {
         "": sorted((raw, "S", date) for raw, _, date in small)}

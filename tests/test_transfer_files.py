@@ -245,8 +245,8 @@ def test_malformed_mbox_is_reported_and_the_good_messages_stay(home, tmp_path):
     stderr = result.stderr.decode()
     assert f"{tmp_path}/bad.mbox: bytes 0-31: text before the first 'From ' line" in stderr
     assert "empty message; skipped" in stderr
-    assert stderr.endswith("leapmail: 2 messages could not be imported (see above); "
-                           "the others are\n")
+    assert stderr.endswith("leapmail: 2 problems (see above); everything else was "
+                           "imported\n")
     assert result.stdout.decode().startswith("import: 2 messages")
     ok(leapmail("--home", home, "export", "--mailbox", "B", str(tmp_path / "out")))
     assert (tmp_path / "out").read_bytes() == mboxrd_file(good, [1500000000, 1500000001])
@@ -391,3 +391,18 @@ def test_interrupted_imports_resume_without_duplicates(home, tmp_path):
     assert f"{len(raws) - count} were there before" in line
     ok(leapmail("--home", home, "export", "--mailbox", "Big", str(tmp_path / "out")))
     assert (tmp_path / "out").read_bytes() == data
+
+
+def test_maildir_export_reports_a_name_maildir_cannot_hold(home, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "1.eml").write_bytes(b"Subject: x\n\nbody\n")
+    ok(leapmail("--home", home, "import", str(tmp_path / "in"), "--mailbox", "v1.2"))
+    ok(leapmail("--home", home, "import", str(tmp_path / "in"), "--mailbox", "Work"))
+    result = leapmail("--home", home, "export", "--format", "maildir", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.decode().endswith(
+        "export: v1.2: the mailbox level 'v1.2' holds a '.', which Maildir++ uses as its "
+        "hierarchy separator; not exported\n"
+        "leapmail: 1 problem (see above); everything else was exported\n")
+    assert read_maildir(str(tmp_path / "out"))[".Work"] == [
+        (b"Subject: x\n\nbody\n", "", int((tmp_path / "in" / "1.eml").stat().st_mtime))]

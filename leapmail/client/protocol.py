@@ -44,6 +44,8 @@ class IdleClient(IMAP4Client):
     #: Largest literal taken from the server (None: any).  Twisted keeps a literal
     #: whole (in memory once read), so a bigger one ends the connection instead.
     max_literal = None
+    #: The size of the literal refused for being over ``max_literal``, if one was.
+    literal_refused = None
 
     def __init__(self, contextFactory=None):
         super().__init__(contextFactory)

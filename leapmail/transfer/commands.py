@@ -127,8 +127,8 @@ def _finish(progress, problems, what):
     progress.close()
     print(progress.summary())
     if problems:
-        raise Incomplete(f"{problems} messages could not be {what} (see above); "
-                         "the others are")
+        raise Incomplete(f"{problems} problem{'' if problems == 1 else 's'} (see above); "
+                         f"everything else was {what}")
 
 
 def run_import(args):
