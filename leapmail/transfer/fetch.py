@@ -2,7 +2,7 @@
 
 For each chosen mailbox the fetcher EXAMINEs it (read-only: the legacy account's
 flags and ``\\Recent`` stay as they are), lists UID, FLAGS, INTERNALDATE and
-RFC822.SIZE of its messages, asks the account which of them it imported before, and
+RFC822.SIZE of its messages (a range of UIDs at a time), asks the account which of them it imported before, and
 downloads the rest with ``BODY.PEEK[]`` in batches bounded by count and bytes, each
 batch one transaction.  The import source of a message is the server, user, mailbox,
 UIDVALIDITY and UID: re-running never duplicates a message, and an interrupted run
@@ -31,6 +31,8 @@ from leapmail.transfer.files import ensure_mailbox
 #: Messages and bytes per download (one UID FETCH, one store transaction).
 BATCH_MESSAGES = 200
 BATCH_BYTES = 8 * 1024 * 1024
+#: UIDs listed per UID FETCH of metadata.
+LIST_UIDS = 1000
 
 
 class FetchError(LeapmailError):
@@ -178,15 +180,31 @@ class Fetcher:
         seen_validity, low = self.high_water.get(name, (uidvalidity, 0))
         if seen_validity != uidvalidity:
             low = 0
-        lines, _ = await client.sendCommand(Command(
-            b"UID FETCH", b"%d:* (UID FLAGS INTERNALDATE RFC822.SIZE)" % (low + 1),
-            wantResponse=(b"FETCH",)))
-        listing = sorted((uid, values) for uid, values in _fetch_items(lines).items()
-                         if uid > low)
-        if not listing:
-            return
+        uidnext = info.get("UIDNEXT")
         prefix = (b"imap\0" + self.origin + b"\0" + name.encode("utf-8") + b"\0"
                   + str(uidvalidity).encode("ascii") + b"\0")
+        start = low + 1
+        while True:
+            # The listing goes by UID ranges: a 100,000-message mailbox's metadata,
+            # parsed, would otherwise be in memory all at once.
+            last = uidnext is None or start + LIST_UIDS >= uidnext
+            span = b"%d:*" % start if last else b"%d:%d" % (start, start + LIST_UIDS - 1)
+            lines, _ = await client.sendCommand(Command(
+                b"UID FETCH", span + b" (UID FLAGS INTERNALDATE RFC822.SIZE)",
+                wantResponse=(b"FETCH",)))
+            # "n:*" names the last message even when its UID is below n.
+            listing = sorted((uid, values) for uid, values in _fetch_items(lines).items()
+                             if uid >= start)
+            del lines
+            if listing:
+                await self._copy(client, name, local, uidvalidity, prefix, listing)
+                self.high_water[name] = (uidvalidity, listing[-1][0])
+            if last:
+                return
+            start += LIST_UIDS
+
+    async def _copy(self, client, name, local, uidvalidity, prefix, listing):
+        """Download and store the messages of ``listing`` not imported before."""
         sources = {uid: prefix + str(uid).encode("ascii") for uid, _ in listing}
         there = await self.account.imported(sources.values())
         todo = []
@@ -207,6 +225,7 @@ class Fetcher:
         self.progress.set_total(
             total=(self.progress.total or 0) + len(todo),
             total_bytes=sum(t[1] for t in todo) + self.progress.bytes)
+
         def download(batch):
             uidset = ",".join(str(t[0]) for t in batch).encode("ascii")
             return client.sendCommand(Command(
@@ -220,6 +239,7 @@ class Fetcher:
             # batches in memory at most.
             upcoming = download(batches[i + 1]) if i + 1 < len(batches) else None
             bodies = _fetch_items(lines)
+            del lines
             messages = []
             for uid, _size, flags, date, tz in batch:
                 raw = bodies.get(uid, {}).get(b"BODY[]")
@@ -230,6 +250,7 @@ class Fetcher:
                     self.progress.problem(f"{name} UID {uid}: over the size limit; skipped")
                     continue
                 messages.append((raw, flags, date, sources[uid], tz))
+            del bodies
             if messages:
                 try:
                     await self.account.append_many(local, messages)
@@ -239,7 +260,6 @@ class Fetcher:
                     raise
             self.progress.advance(messages=len(messages),
                                   nbytes=sum(len(m[0]) for m in messages), label=local)
-        self.high_water[name] = (uidvalidity, listing[-1][0])
 
     # -- following ---------------------------------------------------------------------
 
