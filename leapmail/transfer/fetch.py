@@ -4,9 +4,9 @@ For each chosen mailbox the fetcher EXAMINEs it (read-only: the legacy account's
 flags and ``\\Recent`` stay as they are), lists UID, FLAGS, INTERNALDATE and
 RFC822.SIZE of its messages (a range of UIDs at a time), asks the account which of
 them it imported before, and downloads the rest with ``BODY.PEEK[]`` in batches
-bounded by count and bytes, each batch one transaction.  The import source of a message is the server, user, mailbox,
-UIDVALIDITY and UID: re-running never duplicates a message, and an interrupted run
-resumes where it stopped.
+bounded by count and bytes, each batch one transaction.  The import source of a
+message is the server, user, mailbox, UIDVALIDITY and UID: re-running never
+duplicates a message, and an interrupted run resumes where it stopped.
 
 ``follow`` then keeps an IDLE connection per followed mailbox (through
 :class:`~leapmail.client.session.MailboxWatcher`: renewal, reconnection with backoff)
