@@ -173,6 +173,9 @@ def build_parser():
     p = commands.add_parser("credentials", parents=[common],
                             help="print the username and password for local IMAP/SMTP clients")
     p.set_defaults(run=_credentials)
+    from leapmail.transfer.commands import add_commands
+
+    add_commands(commands, common)  # import, export, fetch
     return parser
 
 

@@ -282,20 +282,23 @@ class DovecotServer:
         """The user's Maildir (its home is the static userdb's ``home``)."""
         return os.path.join(self._mail_root, self.user, "Maildir")
 
-    def deliver(self, messages):
+    def deliver(self, messages, folder=None):
         """Write ``(raw, flags, internal_date)`` triples straight into the Maildir.
 
         Much faster than APPEND for filling a big mailbox.  Dovecot reads the files at
         the next SELECT; UIDs follow the order given.  Only the system flags that
         Maildir file names carry (\\Seen, \\Flagged, \\Answered, \\Deleted, \\Draft)
-        are kept.  Call :meth:`start` (or only the set-up it does) first.
+        are kept.  ``folder`` is a Maildir++ folder ("Archive.2019": mailbox
+        Archive/2019 in Dovecot's "." hierarchy), default INBOX.  Call :meth:`start`
+        (or only the set-up it does) first.
         """
         letters = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S",
                    "\\Deleted": "T"}
         mail = _user_names()[0]
         home = os.path.dirname(self.maildir)
-        for path in (home, self.maildir, *(os.path.join(self.maildir, d)
-                                           for d in ("cur", "new", "tmp"))):
+        maildir = self.maildir if folder is None else os.path.join(self.maildir, "." + folder)
+        for path in (home, self.maildir, maildir, *(os.path.join(maildir, d)
+                                                    for d in ("cur", "new", "tmp"))):
             os.makedirs(path, exist_ok=True)
             if os.geteuid() == 0:
                 os.chown(path, mail[1], mail[2])
@@ -308,13 +311,13 @@ class DovecotServer:
             virtual = len(raw) + raw.count(b"\n") - raw.count(b"\r\n")    # CRLF size
             name = (f"1700000000.M{count}P{os.getpid()}.bench,S={len(raw)},W={virtual}"
                     f":2,{info}")
-            tmp = os.path.join(self.maildir, "tmp", name)
+            tmp = os.path.join(maildir, "tmp", name)
             with open(tmp, "wb") as f:
                 f.write(raw)
             os.utime(tmp, (date, date))     # the Maildir INTERNALDATE
             if os.geteuid() == 0:
                 os.chown(tmp, mail[1], mail[2])
-            os.rename(tmp, os.path.join(self.maildir, "cur", name))
+            os.rename(tmp, os.path.join(maildir, "cur", name))
         return count
 
     def pids(self):

@@ -41,6 +41,12 @@ class MailboxListener:
 class IdleClient(IMAP4Client):
     """An ``IMAP4Client`` that can IDLE and reports all mailbox news to ``listener``."""
 
+    #: Largest literal taken from the server (None: any).  Twisted keeps a literal
+    #: whole (in memory once read), so a bigger one ends the connection instead.
+    max_literal = None
+    #: The size of the literal refused for being over ``max_literal``, if one was.
+    literal_refused = None
+
     def __init__(self, contextFactory=None):
         super().__init__(contextFactory)
         self.listener = MailboxListener()
@@ -57,7 +63,16 @@ class IdleClient(IMAP4Client):
         if not self.greeted.called:
             self.greeted.errback(reason)
         if not self.lost.called:
-            self.lost.callback(reason)
+            # The reason as a plain value: losing the connection is news, not an error
+            # someone must consume (a Failure nobody handles is logged as unhandled).
+            self.lost.callback(reason.value)
+
+    def _setupForLiteral(self, rest, octets):
+        if self.max_literal is not None and octets > self.max_literal:
+            self.literal_refused = octets
+            self.transport.abortConnection()
+            return
+        super()._setupForLiteral(rest, octets)
 
     # -- news --------------------------------------------------------------------------
 

@@ -119,8 +119,9 @@ class MailboxWatcher:
     log = Logger()
 
     def __init__(self, reactor, connect, mailbox, listener, renew=IDLE_RENEW,
-                 poll=NOOP_INTERVAL, backoff_cap=30.0, rng=random.random):
+                 poll=NOOP_INTERVAL, backoff_cap=30.0, rng=random.random, readonly=False):
         self.reactor = reactor
+        self.readonly = readonly  # EXAMINE: watch without taking \Recent or setting \Seen
         self._connect = connect
         self.mailbox = mailbox
         self.listener = listener
@@ -162,7 +163,10 @@ class MailboxWatcher:
             try:
                 self.client = await self._connect()
                 self.client.listener = self.listener
-                await self.client.select(self.mailbox)
+                if self.readonly:
+                    await self.client.examine(self.mailbox)
+                else:
+                    await self.client.select(self.mailbox)
                 failures = 0
                 await self._watch(self.client)
             except Exception as e:

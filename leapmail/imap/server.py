@@ -56,12 +56,12 @@ from leapmail.mail.errors import (
     MailboxExists,
     NoSuchMailbox,
 )
-from leapmail.mail.message import iter_range
+from leapmail.mail.message import MAX_MESSAGE_SIZE, iter_range
 from leapmail.mail.search import QueryError
 from leapmail.mail.session import read_meta
 
 #: Largest message APPEND accepts (advertised as APPENDLIMIT).
-APPENDLIMIT = 64 * 1024 * 1024
+APPENDLIMIT = MAX_MESSAGE_SIZE
 #: Pipelined commands read ahead of the one running; beyond this many, or this many
 #: literal bytes (LITERAL+ APPENDs need no "+" to keep coming), we stop reading.
 MAX_QUEUED = 64

@@ -244,8 +244,8 @@ class Account:
 
     async def append_many(self, mailbox, messages):
         """Import ``(raw, flags, internal_date)`` triples, or ``(raw, flags,
-        internal_date, source)`` quadruples (see ``append``), in one transaction (bulk
-        import).
+        internal_date, source)`` quadruples, or ``(raw, flags, internal_date, source,
+        tz_minutes)`` (see ``append``), in one transaction (bulk import).
 
         Returns ``(uidvalidity, [uid, ...])``, ``None`` for a source imported before.
         All or nothing.
@@ -266,15 +266,24 @@ class Account:
         now = int(time.time())
         entries = [
             (p, flaglib.normalize(m[1]), now if m[2] is None else int(m[2]),
-             m[3] if len(m) > 3 else None)
+             m[3] if len(m) > 3 else None, m[4] if len(m) > 4 else 0)
             for p, m in zip(prepared, messages)
         ]
 
         def job(txn):
-            results = [self._append_job(txn, name, p, f, d, 0, s) for p, f, d, s in entries]
+            results = [self._append_job(txn, name, p, f, d, tz, s)
+                       for p, f, d, s, tz in entries]
             return (results[0][0] if results else None), [uid for _, uid in results]
 
         return await store_prepared(self.store, prepared, job)
+
+    async def imported(self, sources):
+        """The subset of ``sources`` (bytes) imported before (see ``append``), so that
+        a resumed import skips them without reading or preparing them again."""
+        ids = {"flg-" + self.keyed_id("import", bytes(s)): s for s in sources}
+        found = await self.store.read(
+            lambda q: q.get_many(list(ids), include_deleted=True))
+        return {ids[doc_id] for doc_id in found}
 
     def _append_job(self, txn, name, prepared, flags, date, tz_minutes, source=None):
         from leapmail.mail.message import write_content

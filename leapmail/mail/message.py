@@ -25,6 +25,8 @@ from leapmail.mail.schema import MESSAGE_KIND, PART_KIND
 from leapmail.store import BlobExists, blobs
 
 PART_INLINE_MAX = 256 * 1024
+#: Largest message the account takes in, by any way in (IMAP APPEND, file import, fetch).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: Messages up to this size are stored whole in their content document.
 RAW_INLINE_MAX = 16 * 1024
 FORMAT = 2

@@ -1,0 +1,1 @@
+"""Moving mail in and out: mbox, Maildir and .eml files, and legacy IMAP accounts."""
