@@ -2,6 +2,7 @@
 
     twistd -n leapmail-provider --home DIR --port P [--listen ADDR] [--database URL]
                                 [--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]
+                                [--mx-port M [--max-message-size BYTES] [--hostname NAME]]
 
 Serves the sync API (:mod:`leapmail.provider.api`) over HTTPS on ``ADDR:P``
 (127.0.0.1 unless told otherwise) and logs ``Provider listening on HOST:PORT`` once
@@ -12,6 +13,9 @@ self-signed for ``localhost`` and ``127.0.0.1`` on first start, unless
 Storage: SQLite in ``DIR/provider.db`` by default, or PostgreSQL
 (``--database postgresql://USER:PASSWORD@HOST/DB``), which any number of front ends
 can share; the URL's password never reaches the log.
+
+With ``--mx-port`` it also runs the MX (:mod:`leapmail.provider.mx`, docs/incoming.rst)
+on ``ADDR:M`` and logs ``MX listening on HOST:PORT`` before the HTTPS line.
 """
 
 import os
@@ -64,6 +68,12 @@ class Options(usage.Options):
         ["tls-cert", None, None, "certificate (PEM) to serve instead of DIR/tls-cert.pem"],
         ["tls-key", None, None, "its private key (PEM)"],
         ["token-lifetime", None, "2592000", "seconds a device token is good for (30 days)"],
+        ["mx-port", None, None, "SMTP port of the MX for incoming mail (0: any free port; "
+         "default: no MX)"],
+        ["max-message-size", None, str(50 * 1024 * 1024), "largest message the MX accepts, "
+         "in bytes"],
+        ["hostname", None, None, "the MX's name in greetings and Received: headers "
+         "(default: this machine's FQDN)"],
     ]
 
     def postOptions(self):
@@ -72,6 +82,17 @@ class Options(usage.Options):
         self["port"] = parse_port("port", self["port"])
         self["listen"] = parse_address(self["listen"])
         self["token-lifetime"] = parse_lifetime(self["token-lifetime"])
+        if self["mx-port"] is not None:
+            self["mx-port"] = parse_port("mx-port", self["mx-port"])
+        if not re.fullmatch(r"[0-9]{1,12}", self["max-message-size"]):
+            raise usage.UsageError("--max-message-size must be a number of bytes")
+        self["max-message-size"] = int(self["max-message-size"])
+        if self["hostname"] is None:
+            import socket
+
+            self["hostname"] = socket.getfqdn()
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self["hostname"]):
+            raise usage.UsageError("--hostname must be a DNS name")
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
 
@@ -112,7 +133,8 @@ class ProviderService(service.Service):
     log = Logger()
 
     def __init__(self, storage, secret, interface, port, tls, token_lifetime,
-                 reactor=None, threads=THREADS):
+                 reactor=None, threads=THREADS, mx_port=None, max_message_size=50 * 1024 * 1024,
+                 hostname="localhost"):
         self.storage = storage
         self.secret = secret
         self.interface = interface
@@ -124,6 +146,9 @@ class ProviderService(service.Service):
         self.threadpool = None
         self.api = None
         self.port = None
+        self.mx_port, self.max_message_size, self.hostname = mx_port, max_message_size, hostname
+        self.intake = None
+        self.mx = None
 
     def startService(self):
         reactor = self._reactor
@@ -137,6 +162,13 @@ class ProviderService(service.Service):
         self.api = ProviderAPI(self.storage, self.threadpool, self.secret,
                                token_lifetime=self.token_lifetime, reactor=reactor)
         self.api.start()
+        from leapmail.provider.intake import Intake
+
+        self.intake = Intake(self.storage, self.threadpool, self.max_message_size,
+                             self.hostname, reactor, wake=self.api.waiters.wake)
+        if self.mx_port is not None:
+            self.mx = self._listen(reactor, "MX", self.mx_port,
+                                   lambda: self._mx_factory(), tls=False)
         where = host_port(self.interface, self.requested_port)
         try:
             self.port = reactor.listenSSL(self.requested_port, self.api.site(), self.tls,
@@ -151,15 +183,44 @@ class ProviderService(service.Service):
         self.log.info("Provider listening on {address}",
                       address=host_port(bound.host, bound.port))
 
+    def _mx_factory(self):
+        from leapmail.provider.mx import MXFactory
+
+        return MXFactory(self.intake, tls=self.tls)
+
+    def _listen(self, reactor, name, port, factory, tls):
+        """Listen on ``port`` of the interface with ``factory()`` and log
+        ``NAME listening on HOST:PORT`` (the port bound, which tests read)."""
+        try:
+            if tls:
+                listening = reactor.listenSSL(port, factory(), self.tls, interface=self.interface)
+            else:
+                listening = reactor.listenTCP(port, factory(), interface=self.interface)
+        except CannotListenError as e:
+            self._shutdown()
+            message = f"cannot listen on {host_port(self.interface, port)}: {listen_failure(e)}"
+            self.log.error("{message}", message=message)
+            raise StartError(message) from None
+        bound = listening.getHost()
+        self.log.info("{name} listening on {address}", name=name,
+                      address=host_port(bound.host, bound.port))
+        return listening
+
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
+        if self.mx is not None:
+            mx, self.mx = self.mx, None
+            yield mx.stopListening()
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
         self._shutdown()
 
     def _shutdown(self):
+        if self.mx is not None:
+            mx, self.mx = self.mx, None
+            mx.stopListening()
         if self.api is not None:
             self.api.stop()
         if self.threadpool is not None:
@@ -184,4 +245,6 @@ def makeService(options):
     Logger().info("provider storage: {where}", where=storage.describe())
     report_start_errors("leapmail-provider")
     return ProviderService(storage, secret, options["listen"], options["port"], tls,
-                           options["token-lifetime"])
+                           options["token-lifetime"], mx_port=options["mx-port"],
+                           max_message_size=options["max-message-size"],
+                           hostname=options["hostname"])
