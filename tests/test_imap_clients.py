@@ -753,6 +753,42 @@ async def test_examine_shows_recent(imap_server):
     await in_thread(body)
 
 
+@pytest_twisted.ensureDeferred
+async def test_recreated_mailbox_messages_are_recent(imap_server):
+    """A mailbox deleted and created again under the same name is a new mailbox (new
+    UIDVALIDITY, UIDs from 1): its new messages are \\Recent to the first SELECT, not
+    hidden below the floor the old one had reached (imaptest's scripts re-create
+    their mailbox for every script and caught this)."""
+    def body():
+        w = Wire(imap_server)
+        assert w.run(b"CREATE Box") == (b"OK", [])
+        w.append(b"Box", M1)
+        w.append(b"Box", M2)
+        _, untagged = w.run(b"SELECT Box")
+        assert b"* 2 RECENT" in untagged
+        assert w.run(b"CLOSE") == (b"OK", [])
+        assert w.run(b"DELETE Box") == (b"OK", [])
+        assert w.run(b"CREATE Box") == (b"OK", [])
+        w.append(b"Box", M2)
+        w.append(b"Box", M1)
+        assert w.run(b"STATUS Box (MESSAGES RECENT UIDNEXT)") == (
+            b"OK", [b"* STATUS Box (MESSAGES 2 RECENT 2 UIDNEXT 3)"])
+        _, untagged = w.run(b"SELECT Box")
+        assert b"* 2 EXISTS" in untagged and b"* 2 RECENT" in untagged
+        assert w.run(b"FETCH 1:2 FLAGS") == (b"OK", [
+            b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+        assert w.run(b"SEARCH RECENT") == (b"OK", [b"* SEARCH 1 2"])
+        # Claimed by this session: another SELECT sees them, but not as recent.
+        other = Wire(imap_server)
+        _, untagged = other.run(b"SELECT Box")
+        assert b"* 0 RECENT" in untagged
+        assert other.run(b"SEARCH NEW") == (b"OK", [b"* SEARCH"])
+        for c in (w, other):
+            c.close()
+
+    await in_thread(body)
+
+
 # -- FETCH ----------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
