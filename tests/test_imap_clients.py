@@ -1144,6 +1144,35 @@ async def test_search_parenthesized_first_key(imap_server):
     await in_thread(body)
 
 
+@pytest_twisted.ensureDeferred
+async def test_search_address_keys_see_the_envelope(imap_server):
+    """RFC 3501 6.4.4: FROM, TO, CC and BCC match "the envelope structure's" field, so an
+    address written with comments between its parts is found by the address itself
+    (imaptest's search-addresses script caught this; Dovecot finds it too)."""
+    def body():
+        w = Wire(imap_server)
+        assert w.run(b"CREATE Addr") == (b"OK", [])
+        w.append(b"Addr", b"From: Ann <ann@example.org>\r\nTo: bob@example.org\r\n\r\n1\r\n")
+        w.append(b"Addr", b"From: <ann (the boss)@ (at home) example.org>\r\n"
+                          b"Cc: bob@example.org (Bob B)\r\n\r\n2\r\n")
+        w.append(b"Addr", b"From: ann@example.net\r\nBcc: team: bob@example.org, "
+                          b"=?utf-8?q?Cl=C3=A9o?= <cleo@example.org>;\r\n\r\n3\r\n")
+        w.ok(b"SELECT Addr")
+        assert w.run(b"SEARCH FROM ann@example.org") == (b"OK", [b"* SEARCH 1 2"])
+        assert w.run(b"SEARCH FROM \"the boss\"") == (b"OK", [b"* SEARCH 2"])
+        assert w.run(b"SEARCH FROM \"n@example.\"") == (b"OK", [b"* SEARCH 1 2 3"])
+        assert w.run(b"SEARCH CC \"bob b <bob@example.org>\"") == (b"OK", [b"* SEARCH 2"])
+        assert w.run(b"SEARCH BCC \"team: bob@example.org, cl\"") == (
+            b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH CHARSET UTF-8 BCC {12+}\r\ncl\xc3\xa9o <cleo@") == (
+            b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH NOT FROM ann@example.org") == (b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH HEADER FROM \"\"") == (b"OK", [b"* SEARCH 1 2 3"])
+        w.close()
+
+    await in_thread(body)
+
+
 # -- COPY, MOVE, EXPUNGE, CLOSE, UNSELECT ----------------------------------------------
 
 def apply_expunges(uids, untagged):
