@@ -479,6 +479,19 @@ async def test_list_children_subscribed_and_status(imap_server):
             b'* LIST (\\HasNoChildren \\Trash \\Subscribed) "/" Trash',
         ])
         assert w.run(b'LIST (RECURSIVEMATCH) "" %')[0].startswith(b"BAD")
+        # "or only with REMOTE" (RFC 5258 3.1); imaptest's listext script.
+        assert w.run(b'LIST (RECURSIVEMATCH REMOTE) "" %')[0].startswith(b"BAD")
+        assert w.run(b'LIST (REMOTE RECURSIVEMATCH SUBSCRIBED) "" Parent')[0] == b"OK"
+        # A subscribed child that a pattern lists itself makes the parent's CHILDINFO
+        # redundant (RFC 5258 3.3 2.B, 3.5: "SHOULD suppress"), so Parent, which
+        # satisfies no criterion itself, is not listed at all.
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" (Parent Parent/Child)') == (
+            b"OK", [b'* LIST (\\HasNoChildren \\Subscribed) "/" Parent/Child'])
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" *Child') == (
+            b"OK", [b'* LIST (\\HasNoChildren \\Subscribed) "/" Parent/Child'])
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" (Parent Trash)') == (b"OK", [
+            b'* LIST (\\HasChildren) "/" Parent ("CHILDINFO" ("SUBSCRIBED"))',
+            b'* LIST (\\HasNoChildren \\Trash \\Subscribed) "/" Trash'])
         # LSUB: Parent shows as \Noselect for "%" (RFC 3501 6.3.9), not for "*".
         assert w.run(b'LSUB "" %') == (b"OK", [
             b'* LSUB () "/" Archive', b'* LSUB () "/" Drafts',

@@ -781,7 +781,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 if word not in (b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"):
                     raise ParseError(f"unknown LIST selection option {word.decode('ascii', 'replace')}")
                 selection.add(word.decode())
-            if selection == {"RECURSIVEMATCH"}:
+            # RFC 5258 3.1: "MUST NOT occur as the only selection option (or only with
+            # REMOTE)"; REMOTE selects nothing by itself.
+            if "RECURSIVEMATCH" in selection and selection <= {"RECURSIVEMATCH", "REMOTE"}:
                 raise ParseError("RECURSIVEMATCH needs another selection option")
             c.sp()
         reference = c.astring("a reference name")
