@@ -337,7 +337,6 @@ def _index_header(txn, doc_id, rowid, data):
     Only the header is read back (it lies in the skeleton, no part is touched).  The
     full text is indexed later, in batches (:mod:`leapmail.mail.textindex`).
     """
-    from leapmail.mail import mime
     from leapmail.mail.message import Content, read_range
 
     content = Content(doc_id, data)
