@@ -110,3 +110,48 @@ async def test_scripts_for_missing_extensions_are_skipped(imap_server, tmp_path)
     script = "capabilities: IMAP4rev1 THREAD=REFERENCES\n\nok thread references us-ascii all\n"
     assert await in_thread(run, imap_server, str(tmp_path), "thread", script) == (
         "skip", "capabilities not advertised: THREAD=REFERENCES")
+
+
+class _Connection:
+    def __init__(self, number):
+        self.number = number
+        self.exists = None
+        self.uidvalidity = None
+        self.readonly = False
+
+
+def test_state_tracking_catches_what_no_server_may_do():
+    """What imaptest checks beyond the scripts: \\Recent for one session only (RFC 3501
+    2.3.2), a message count that only EXPUNGE lowers, numbers within the count."""
+    runner = imaptest_runner.Runner("127.0.0.1", 0, USER, PASSWORD, "imaptest")
+    runner.recent_owner = {}
+    one, two = _Connection(1), _Connection(2)
+    problems = []
+
+    def feed(conn, line):
+        runner.track(conn, imaptest_runner.parse_args(line), problems)
+
+    for conn in (one, two):
+        runner.forget_mailbox(conn, "SELECT imaptest")
+        feed(conn, "3 EXISTS")
+        feed(conn, "OK [UIDVALIDITY 77] ok")
+    feed(one, "1 FETCH (UID 5 FLAGS (\\Seen \\Recent))")
+    feed(one, "1 FETCH (FLAGS (\\Recent) UID 5)")
+    assert problems == []
+    feed(two, "1 FETCH (UID 5 FLAGS (\\Recent))")
+    assert problems == ["connection 2: UID 5 is \\Recent on connection 1 too"]
+    del problems[:]
+    feed(two, "2 EXPUNGE")
+    feed(two, "2 EXISTS")
+    feed(two, "4 FETCH (UID 9)")
+    feed(two, "1 EXISTS")
+    feed(two, "0 EXPUNGE")
+    assert problems == ["connection 2: FETCH of message 4 with 2 messages",
+                        "connection 2: EXISTS went down from 2 to 1 without EXPUNGE",
+                        "connection 2: EXPUNGE 0 with 1 messages"]
+    # A new SELECT starts over; EXAMINE may see \Recent without taking it.
+    runner.forget_mailbox(two, "EXAMINE imaptest")
+    feed(two, "OK [UIDVALIDITY 77]")
+    feed(two, "1 EXISTS")
+    feed(two, "1 FETCH (UID 5 FLAGS (\\Recent))")
+    assert len(problems) == 3

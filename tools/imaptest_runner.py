@@ -639,7 +639,10 @@ class Connection:
         self.file = self.sock.makefile("rb")
         self.number = number
         self.next_tag = 1
-        self.exists = 0
+        # The selected mailbox as this connection was told: None where unknown.
+        self.exists = None
+        self.uidvalidity = None
+        self.readonly = False
         self.greeting = self.read_response()
 
     def tag(self):
@@ -693,6 +696,7 @@ class Runner:
     # A simple synchronous command for the set-up phase.
     def simple(self, conn, text, literal=None, allow_no=False):
         tag = conn.tag()
+        self.forget_mailbox(conn, text)
         if literal is None:
             conn.send(f"{tag} {text}\r\n".encode("latin-1"))
         else:
@@ -715,11 +719,8 @@ class Runner:
                     raise ScriptFailure(f"set-up {text}: {resp.strip()}")
                 return status, untagged
             untagged.append(resp)
-            m = re.match(r"\* (\d+) (EXISTS|EXPUNGE)\b", resp, re.IGNORECASE)
-            if m and m.group(2).upper() == "EXISTS":
-                conn.exists = int(m.group(1))
-            elif m and conn.exists:
-                conn.exists -= 1
+            if resp.startswith("* "):
+                self.track(conn, lenient_parse(resp[2:].rstrip("\r\n")), None)
 
     def setup(self, script):
         conns = [Connection(self.host, self.port, i + 1, self.timeout)
@@ -781,6 +782,7 @@ class Runner:
     # -- running a script ---------------------------------------------------------------
 
     def run(self, script):
+        self.recent_owner = {}
         matcher = Matcher()
         matcher.variables.update({"user": self.user, "username": self.user.split("@")[0],
                                   "domain": self.user.partition("@")[2] or self.host,
@@ -827,6 +829,7 @@ class Runner:
             tag = conn.tag()
             pending[tag] = cmd
             lower = text.lower()
+            self.forget_mailbox(conn, text)
             if lower == "append" or (lower.startswith("append ") and "{" not in text):
                 # "append [mailbox [flags] [date]]": the next message of the mbox.
                 rest = text[7:].strip() if lower.startswith("append ") else ""
@@ -907,7 +910,7 @@ class Runner:
                 if existence == MUST_NOT:
                     problems.append(f"unexpected untagged match: {to_text(match)}\n"
                                     f"      reply: {text[:300]}")
-                    return
+                    break
                 found[i] = True
                 any_found = True
                 if group.ordered:
@@ -918,14 +921,54 @@ class Runner:
             problems.append(f"unexpected untagged reply: {text[:300]}")
         # Bookkeeping after matching, as imaptest does.
         if len(args) >= 2 and isinstance(args[0], Atom) and args[0].isdigit() \
+                and isinstance(args[1], Atom) and args[1].upper() == "EXPUNGE":
+            matcher.expunged(int(args[0]))
+        self.track(conn, args, problems)
+
+    def track(self, conn, args, problems):
+        """Follow a connection's mailbox state, and report what no server may do
+        whatever a script expects (a part of imaptest's own state tracking)."""
+        def problem(text):
+            if problems is not None:
+                problems.append(f"connection {conn.number}: {text}")
+        if len(args) >= 2 and isinstance(args[0], Atom) and args[0].isdigit() \
                 and isinstance(args[1], Atom):
-            what = args[1].upper()
-            if what == "EXPUNGE":
-                matcher.expunged(int(args[0]))
-                if conn.exists:
+            number, what = int(args[0]), args[1].upper()
+            if what == "EXISTS":
+                if conn.exists is not None and number < conn.exists:
+                    problem(f"EXISTS went down from {conn.exists} to {number} without "
+                            f"EXPUNGE")
+                conn.exists = number
+            elif what == "EXPUNGE":
+                if conn.exists is not None:
+                    if not 1 <= number <= conn.exists:
+                        problem(f"EXPUNGE {number} with {conn.exists} messages")
                     conn.exists -= 1
-            elif what == "EXISTS":
-                conn.exists = int(args[0])
+            elif what == "FETCH":
+                if conn.exists is not None and not 1 <= number <= conn.exists:
+                    problem(f"FETCH of message {number} with {conn.exists} messages")
+                items = args[2] if len(args) > 2 and isinstance(args[2], list) else []
+                pairs = dict(zip((str(i).upper() for i in items[::2]), items[1::2]))
+                flags = pairs.get("FLAGS")
+                uid = pairs.get("UID")
+                if isinstance(flags, list) and isinstance(uid, str) and not conn.readonly \
+                        and conn.uidvalidity is not None \
+                        and any(str(f).lower() == "\\recent" for f in flags):
+                    # RFC 3501 2.3.2: \Recent goes to one session only.
+                    owner = self.recent_owner.setdefault((conn.uidvalidity, uid), conn.number)
+                    if owner != conn.number:
+                        problem(f"UID {uid} is \\Recent on connection {owner} too")
+        elif len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "OK" \
+                and isinstance(args[1], Atom) and args[1].upper() == "[UIDVALIDITY":
+            conn.uidvalidity = str(args[2]).rstrip("]") if len(args) > 2 else None
+
+    def forget_mailbox(self, conn, command):
+        """A command that selects or closes: the state seen so far no longer holds."""
+        verb = command.split(" ", 1)[0].lower()
+        if verb in ("select", "examine", "close", "unselect"):
+            conn.exists = None
+            conn.uidvalidity = None
+            conn.readonly = verb == "examine"
 
     def check_tagged(self, matcher, cmd, resp, tag, problems):
         args = lenient_parse(resp.rstrip("\r\n"))[1:]
