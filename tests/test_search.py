@@ -2,6 +2,7 @@
 
 import datetime
 import random
+import re
 
 import pytest
 import pytest_twisted
@@ -63,8 +64,10 @@ def describe(raw):
     for n, v in mime.header_fields(raw, root.start, root.header_end):
         name = n.decode("latin-1").lower()
         headers.append((name, mime.decode_header_value(v)))
-        # FROM, TO, CC, BCC also match the envelope's addresses (RFC 3501 6.4.4).
-        if name in ADDRESS_FIELDS and addresses_text(v) is not None:
+        # FROM, TO, CC, BCC also match the envelope's addresses (RFC 3501 6.4.4),
+        # where the header puts something between an address's parts.
+        if name in ADDRESS_FIELDS and re.search(rb'[("\\\n\r]| @|@ ', v) \
+                and addresses_text(v) is not None:
             headers.append((name, addresses_text(v)))
     header_text, body = mime.search_text(raw, root)
     return {"headers": headers, "header_text": header_text, "body": body}

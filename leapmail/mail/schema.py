@@ -8,6 +8,7 @@ by sync — UIDs are assigned and events emitted the same way for both.
 """
 
 import datetime
+import re
 import time
 
 from leapmail.mail import codec
@@ -366,10 +367,24 @@ def header_rows(rowid, header, header_end):
         decoded = mime.decode_header_value(value).casefold()
         rows.append((rowid, name, decoded))
         if name in ADDRESS_FIELDS:
-            addresses = addresses_text(value)
-            if addresses is not None and addresses != decoded:
+            addresses = _other_address_text(value, decoded)
+            if addresses is not None:
                 rows.append((rowid, name, addresses))
     return rows
+
+
+# What can come between the parts of an address and break a substring of it: a
+# comment, a quoted part, a fold, blanks around "@".  Without any of them the header
+# text holds the addresses as they are, and parsing them would only cost time.
+_ADDRESS_NOISE = re.compile(rb'[("\\\n\r]| @|@ ')
+
+
+def _other_address_text(value, decoded):
+    """:func:`addresses_text` of ``value`` where it says more than ``decoded`` does."""
+    if not _ADDRESS_NOISE.search(value):
+        return None
+    addresses = addresses_text(value)
+    return addresses if addresses is not None and addresses != decoded else None
 
 
 def addresses_text(value):
@@ -422,9 +437,9 @@ def _v4_address_rows(conn):
                 name = name.decode("latin-1").lower()
                 if name not in ADDRESS_FIELDS:
                     continue
-                addresses = addresses_text(value)
-                if addresses is not None and addresses != mime.decode_header_value(
-                        value).casefold():
+                addresses = _other_address_text(
+                    value, mime.decode_header_value(value).casefold())
+                if addresses is not None:
                     rows.append((rowid, name, addresses))
         conn.executemany(
             "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)", rows)
