@@ -41,6 +41,7 @@ as imaptest does (``--force`` runs it anyway).  Exit status: 0 if nothing failed
 import argparse
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -1015,6 +1016,9 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="scripts to run (default: all)")
     options = parser.parse_args(argv)
 
+    if not os.path.isdir(options.scripts):
+        parser.error(f"--scripts {options.scripts}: no such directory (download imaptest's "
+                     f"src/tests/ there)")
     names = options.names or sorted(
         n for n in os.listdir(options.scripts)
         if not n.startswith(".") and not n.endswith(".mbox") and n != "Makefile.am"
@@ -1023,7 +1027,11 @@ def main(argv=None):
     workdir = None
     if options.start:
         workdir = tempfile.mkdtemp(prefix=f"imaptest-{options.start}-")
-        server, host, port, user, password = start_server(options.start, workdir)
+        try:
+            server, host, port, user, password = start_server(options.start, workdir)
+        except Exception as e:  # the daemon's own error says what is missing
+            print(f"imaptest_runner: cannot start {options.start}: {e}", file=sys.stderr)
+            return 2
     else:
         if not (options.port and options.user and options.password):
             parser.error("--port, --user and --password are needed without --start")
@@ -1046,6 +1054,8 @@ def main(argv=None):
     finally:
         if server is not None:
             server.stop()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
     return 1 if counts["fail"] or counts["error"] else 0
 
