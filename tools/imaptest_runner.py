@@ -366,33 +366,22 @@ def read_script(path):
 
 
 def read_mbox(path):
-    """[(message bytes with CRLF line ends, INTERNALDATE string)] of an mbox file."""
+    """[(message bytes, INTERNALDATE string)] of an mbox file, as imaptest's mbox source
+    gives them: everything between two From_ lines (the blank line before the next
+    one included), bare LFs made CRLF, the date of the From_ line."""
     from_line = re.compile(rb"^From (\S+)\s+(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})"
-                           rb"(?: ([+-]\d{4}))?")
-    messages = []
-    current = None
+                           rb"(?: ([+-]\d{4}))?[^\n]*\n?", re.MULTILINE)
     with open(path, "rb") as f:
         data = f.read()
-    for line in data.split(b"\n"):
-        m = from_line.match(line)
-        if m:
-            if current is not None:
-                messages.append(current)
-            stamp = time.strptime(m.group(2).decode(), "%a %b %d %H:%M:%S %Y")
-            zone = (m.group(3) or b"+0000").decode()
-            date = time.strftime("%d-%b-%Y %H:%M:%S", stamp) + " " + zone
-            current = [[], date]
-            continue
-        current[0].append(line)
-    if current is not None:
-        messages.append(current)
+    starts = list(from_line.finditer(data))
     out = []
-    for lines, date in messages:
-        # Every line of the message ends in CRLF, the last one included (the split
-        # on b"\n" leaves an empty last element where the file ends with one).
-        if lines and lines[-1] == b"":
-            lines = lines[:-1]
-        out.append((b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines), date))
+    for i, m in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(data)
+        stamp = time.strptime(m.group(2).decode(), "%a %b %d %H:%M:%S %Y")
+        zone = (m.group(3) or b"+0000").decode()
+        date = time.strftime("%d-%b-%Y %H:%M:%S", stamp) + " " + zone
+        message = re.sub(rb"\r?\n", b"\r\n", data[m.end():end])
+        out.append((message, date))
     return out
 
 
