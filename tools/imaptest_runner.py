@@ -62,20 +62,21 @@ NIL = Nil()
 
 
 class Atom(str):
-    kind = "atom"
+    pass
 
 
 class String(str):
     """A quoted string or a literal: both are astrings to the matcher."""
-
-    kind = "string"
 
 
 class ParseError(Exception):
     pass
 
 
-def parse_args(data, pos=0, allchars=True):
+_LITERAL = re.compile(r"~?\{(\d+)\+?\}\r\n")
+
+
+def parse_args(data, pos=0):
     """``data`` (str) parsed into a list of Atom, String, NIL and nested lists.
 
     Atoms end at a space, ``)`` or the end only, as Dovecot's parser does with
@@ -115,7 +116,7 @@ def parse_args(data, pos=0, allchars=True):
                     pos += 1
             stack[-1].append(String("".join(out)))
         elif c == "{" or (c == "~" and data[pos + 1:pos + 2] == "{"):
-            match = re.compile(r"~?\{(\d+)\+?\}\r\n").match(data, pos)
+            match = _LITERAL.match(data, pos)
             if not match:
                 atom_end = pos
                 while atom_end < n and data[atom_end] not in " )\r\n":
@@ -183,7 +184,7 @@ class Group:
     def __init__(self, conn):
         self.conn = conn
         self.commands = []
-        self.untagged = []      # (existence, parsed args)
+        self.untagged = []      # (existence "*", "!" or "?", parsed args, line)
         self.pending = 0
         self.ordered = False
 
