@@ -34,6 +34,11 @@ a prefix match of the text of OK/NO/BAD/BYE.  What is not: imaptest's own mailbo
 tracking (it also flags servers for protocol slips no script asks about), ``!ifenv``,
 ``!sleep``, ``!output``, banner checks and ``user N:`` headers.
 
+Servers started with ``--start`` run with ``TZ=Europe/Helsinki`` unless TZ is set:
+search-date and search-intdate assume a server in EET/EEST, as imaptest's comment says.
+The test mailbox is ``imaptest`` (``--mailbox``); it and every mailbox below it are
+deleted before each script, as imaptest does with its own.
+
 A script whose ``capabilities:`` the server does not advertise after LOGIN is skipped,
 as imaptest does (``--force`` runs it anyway).  Exit status: 0 if nothing failed.
 """
