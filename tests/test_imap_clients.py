@@ -479,6 +479,19 @@ async def test_list_children_subscribed_and_status(imap_server):
             b'* LIST (\\HasNoChildren \\Trash \\Subscribed) "/" Trash',
         ])
         assert w.run(b'LIST (RECURSIVEMATCH) "" %')[0].startswith(b"BAD")
+        # "or only with REMOTE" (RFC 5258 3.1); imaptest's listext script.
+        assert w.run(b'LIST (RECURSIVEMATCH REMOTE) "" %')[0].startswith(b"BAD")
+        assert w.run(b'LIST (REMOTE RECURSIVEMATCH SUBSCRIBED) "" Parent')[0] == b"OK"
+        # A subscribed child that a pattern lists itself makes the parent's CHILDINFO
+        # redundant (RFC 5258 3.3 2.B, 3.5: "SHOULD suppress"), so Parent, which
+        # satisfies no criterion itself, is not listed at all.
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" (Parent Parent/Child)') == (
+            b"OK", [b'* LIST (\\HasNoChildren \\Subscribed) "/" Parent/Child'])
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" *Child') == (
+            b"OK", [b'* LIST (\\HasNoChildren \\Subscribed) "/" Parent/Child'])
+        assert w.run(b'LIST (SUBSCRIBED RECURSIVEMATCH) "" (Parent Trash)') == (b"OK", [
+            b'* LIST (\\HasChildren) "/" Parent ("CHILDINFO" ("SUBSCRIBED"))',
+            b'* LIST (\\HasNoChildren \\Trash \\Subscribed) "/" Trash'])
         # LSUB: Parent shows as \Noselect for "%" (RFC 3501 6.3.9), not for "*".
         assert w.run(b'LSUB "" %') == (b"OK", [
             b'* LSUB () "/" Archive', b'* LSUB () "/" Drafts',
@@ -748,6 +761,42 @@ async def test_examine_shows_recent(imap_server):
         assert third.run(b"STATUS Archive (RECENT)") == (
             b"OK", [b"* STATUS Archive (RECENT 0)"])
         for c in (w, other, third):
+            c.close()
+
+    await in_thread(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_recreated_mailbox_messages_are_recent(imap_server):
+    """A mailbox deleted and created again under the same name is a new mailbox (new
+    UIDVALIDITY, UIDs from 1): its new messages are \\Recent to the first SELECT, not
+    hidden below the floor the old one had reached (imaptest's scripts re-create
+    their mailbox for every script and caught this)."""
+    def body():
+        w = Wire(imap_server)
+        assert w.run(b"CREATE Box") == (b"OK", [])
+        w.append(b"Box", M1)
+        w.append(b"Box", M2)
+        _, untagged = w.run(b"SELECT Box")
+        assert b"* 2 RECENT" in untagged
+        assert w.run(b"CLOSE") == (b"OK", [])
+        assert w.run(b"DELETE Box") == (b"OK", [])
+        assert w.run(b"CREATE Box") == (b"OK", [])
+        w.append(b"Box", M2)
+        w.append(b"Box", M1)
+        assert w.run(b"STATUS Box (MESSAGES RECENT UIDNEXT)") == (
+            b"OK", [b"* STATUS Box (MESSAGES 2 RECENT 2 UIDNEXT 3)"])
+        _, untagged = w.run(b"SELECT Box")
+        assert b"* 2 EXISTS" in untagged and b"* 2 RECENT" in untagged
+        assert w.run(b"FETCH 1:2 FLAGS") == (b"OK", [
+            b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+        assert w.run(b"SEARCH RECENT") == (b"OK", [b"* SEARCH 1 2"])
+        # Claimed by this session: another SELECT sees them, but not as recent.
+        other = Wire(imap_server)
+        _, untagged = other.run(b"SELECT Box")
+        assert b"* 0 RECENT" in untagged
+        assert other.run(b"SEARCH NEW") == (b"OK", [b"* SEARCH"])
+        for c in (w, other):
             c.close()
 
     await in_thread(body)
@@ -1103,6 +1152,35 @@ async def test_search_parenthesized_first_key(imap_server):
         tag = w.next_tag()
         assert w.run(b"SEARCH RETURN (COUNT) (SEEN)", tag=tag) == (
             b"OK", [b'* ESEARCH (TAG "' + tag + b'") COUNT 2'])
+        w.close()
+
+    await in_thread(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_address_keys_see_the_envelope(imap_server):
+    """RFC 3501 6.4.4: FROM, TO, CC and BCC match "the envelope structure's" field, so an
+    address written with comments between its parts is found by the address itself
+    (imaptest's search-addresses script caught this; Dovecot finds it too)."""
+    def body():
+        w = Wire(imap_server)
+        assert w.run(b"CREATE Addr") == (b"OK", [])
+        w.append(b"Addr", b"From: Ann <ann@example.org>\r\nTo: bob@example.org\r\n\r\n1\r\n")
+        w.append(b"Addr", b"From: <ann (the boss)@ (at home) example.org>\r\n"
+                          b"Cc: bob@example.org (Bob B)\r\n\r\n2\r\n")
+        w.append(b"Addr", b"From: ann@example.net\r\nBcc: team: bob@example.org, "
+                          b"=?utf-8?q?Cl=C3=A9o?= <cleo@example.org>;\r\n\r\n3\r\n")
+        w.ok(b"SELECT Addr")
+        assert w.run(b"SEARCH FROM ann@example.org") == (b"OK", [b"* SEARCH 1 2"])
+        assert w.run(b"SEARCH FROM \"the boss\"") == (b"OK", [b"* SEARCH 2"])
+        assert w.run(b"SEARCH FROM \"n@example.\"") == (b"OK", [b"* SEARCH 1 2 3"])
+        assert w.run(b"SEARCH CC \"bob b <bob@example.org>\"") == (b"OK", [b"* SEARCH 2"])
+        assert w.run(b"SEARCH BCC \"team: bob@example.org, cl\"") == (
+            b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH CHARSET UTF-8 BCC {12+}\r\ncl\xc3\xa9o <cleo@") == (
+            b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH NOT FROM ann@example.org") == (b"OK", [b"* SEARCH 3"])
+        assert w.run(b"SEARCH HEADER FROM \"\"") == (b"OK", [b"* SEARCH 1 2 3"])
         w.close()
 
     await in_thread(body)

@@ -335,6 +335,22 @@ async def test_search_modseq(imap_server):
         tag = w.next_tag()
         assert w.run(b"UID SEARCH RETURN (MAX) OR MODSEQ %d FLAGGED" % (m4 + 1), tag=tag) == (
             b"OK", [b'* ESEARCH (TAG "' + tag + b'") UID'])
+        # MIN or MAX alone: the MODSEQ of the message returned; both (without ALL or
+        # COUNT): the higher of the two (RFC 7162 3.1.5; imaptest's esearch-condstore).
+        # Message 4 was changed last, message 2 before it.
+        _, untagged = w.run(b"STORE 3 +FLAGS (\\Seen)")
+        m3 = modseq_of(fetch_map(untagged)[3])
+        for options, data in ((b"MIN", b"MIN 2 MODSEQ %d" % m2),
+                              (b"MAX", b"MAX 3 MODSEQ %d" % m3),
+                              (b"MIN MAX", b"MIN 2 MAX 3 MODSEQ %d" % m3),
+                              (b"", b"ALL 2:3 MODSEQ %d" % m3),
+                              (b"COUNT", b"COUNT 2 MODSEQ %d" % m3)):
+            tag = w.next_tag()
+            assert w.run(b"SEARCH RETURN (%s) 1:3 MODSEQ %d" % (options, h0 + 1), tag=tag) == (
+                b"OK", [b'* ESEARCH (TAG "' + tag + b'") ' + data]), options
+        tag = w.next_tag()
+        assert w.run(b"SEARCH RETURN (MIN MAX) 2:4 MODSEQ %d" % (h0 + 1), tag=tag) == (
+            b"OK", [b'* ESEARCH (TAG "' + tag + b'") MIN 2 MAX 4 MODSEQ %d' % m4])
         # Syntax.
         for criteria in (b"MODSEQ", b"MODSEQ x", b'MODSEQ "/flags/\\\\draft" bogus 1',
                          b'MODSEQ "/flags/\\\\draft" all'):

@@ -2,12 +2,14 @@
 
 import datetime
 import random
+import re
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from leapmail.mail import flags as F, mime
+from leapmail.mail.schema import ADDRESS_FIELDS, addresses_text
 from leapmail.mail.search import QueryError
 
 from mail_corpus import corpus
@@ -58,8 +60,15 @@ def describe(raw):
     # The text model itself (mime.search_text) is checked against Dovecot in
     # tests/test_imap_dovecot_diff.py; here the SQL and the index are checked on it.
     root = mime.parse(raw, dovecot_line_ends=True)
-    headers = [(n.decode("latin-1").lower(), mime.decode_header_value(v))
-               for n, v in mime.header_fields(raw, root.start, root.header_end)]
+    headers = []
+    for n, v in mime.header_fields(raw, root.start, root.header_end):
+        name = n.decode("latin-1").lower()
+        headers.append((name, mime.decode_header_value(v)))
+        # FROM, TO, CC, BCC also match the envelope's addresses (RFC 3501 6.4.4),
+        # where the header puts something between an address's parts.
+        if name in ADDRESS_FIELDS and re.search(rb'[("\\\n\r]| @|@ ', v) \
+                and addresses_text(v) is not None:
+            headers.append((name, addresses_text(v)))
     header_text, body = mime.search_text(raw, root)
     return {"headers": headers, "header_text": header_text, "body": body}
 
@@ -194,6 +203,55 @@ async def test_text_search_over_indexed_and_queued_messages_alike(account):
     assert await view.search(("and", [("body", "horse"), ("uid", [(30, 40)])])) == [
         u for u in range(30, 41) if u - 1 not in range(0, 60, 3)]
     view.close()
+
+
+COMMENTED = (b"From: <user-from (comment)@ (comment) domain.org>\r\n"
+             b"To: groupname: one@domain.org, two@domain.org;\r\n\r\nbody\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_envelope_addresses_reach_a_file_from_before_them(db_path, key):
+    """Schema version 4 adds the envelope-address rows of SEARCH FROM/TO/CC/BCC; a
+    file written by version 3 gets them for the mail it already holds."""
+    from leapmail.mail.account import Account
+    from leapmail.mail.schema import MAIL
+    from leapmail.store import Store
+
+    id_key = b"i" * 32
+    store = Store.open(db_path, key, [MAIL], create=True)
+    account = Account(store, id_key)
+    await account.setup()
+    await account.append("INBOX", COMMENTED)
+    view = await account.select("INBOX")
+    assert await view.search(("header", "from", "user-from@domain.org")) == [1]
+    view.close()
+
+    def back_to_version_3(txn):
+        txn.execute("DELETE FROM header_fields WHERE value = 'user-from@domain.org'")
+        txn.execute("UPDATE meta SET value = 3 WHERE key = 'schema.mail'")
+    await store.transact(back_to_version_3)
+    view = await account.select("INBOX")
+    assert await view.search(("header", "from", "user-from@domain.org")) == []
+    view.close()
+    account.close()
+    await store.close()
+
+    store = Store.open(db_path, key, [MAIL])
+    account = Account(store, id_key)
+    view = await account.select("INBOX")
+    assert await view.search(("header", "from", "user-from@domain.org")) == [1]
+    assert await view.search(("header", "from", "comment")) == [1]
+    assert await view.search(("header", "to", "groupname: one@domain.org")) == [1]
+    rows = await store.read(lambda q: q.execute(
+        "SELECT name, value FROM header_fields ORDER BY name, value").fetchall())
+    assert rows == [
+        ("from", "<user-from (comment)@ (comment) domain.org>"),
+        ("from", "user-from@domain.org"),
+        ("to", "groupname: one@domain.org, two@domain.org;"),
+    ]
+    view.close()
+    account.close()
+    await store.close()
 
 
 @pytest_twisted.ensureDeferred

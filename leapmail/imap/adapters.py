@@ -143,13 +143,15 @@ class IMAPAccount:
                 found[name] = False
         # Levels of hierarchy that a pattern matches but that exist only as the parent
         # of something (RFC 3501 6.3.8/6.3.9), and, for RECURSIVEMATCH, parents of
-        # subscribed mailboxes (RFC 5258 3.5).
+        # subscribed mailboxes that no pattern matches (RFC 5258 3.3 2.B: a child that
+        # is listed itself makes its parent's CHILDINFO redundant, 3.5).
         for name in candidates:
             for parent in names.parents(name):
                 if parent in found or not matches(parent):
                     continue
                 if recursive:
-                    found[parent] = True
+                    if not matches(name):
+                        found[parent] = True
                 elif by_subscription:
                     # Only the levels "%" stops at: with "*" the child matches itself.
                     if not matches(name):
@@ -158,7 +160,7 @@ class IMAPAccount:
                     found[parent] = None
         if recursive:
             for name in list(found):
-                if any(names.is_inferior(s, name) for s in subscribed):
+                if any(names.is_inferior(s, name) and not matches(s) for s in subscribed):
                     found[name] = True if found[name] is not None else True
         entries = []
         for name in sorted(found, key=lambda n: (n != names.INBOX, n)):

@@ -781,7 +781,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 if word not in (b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"):
                     raise ParseError(f"unknown LIST selection option {word.decode('ascii', 'replace')}")
                 selection.add(word.decode())
-            if selection == {"RECURSIVEMATCH"}:
+            # RFC 5258 3.1: "MUST NOT occur as the only selection option (or only with
+            # REMOTE)"; REMOTE selects nothing by itself.
+            if "RECURSIVEMATCH" in selection and selection <= {"RECURSIVEMATCH", "REMOTE"}:
                 raise ParseError("RECURSIVEMATCH needs another selection option")
             c.sp()
         reference = c.astring("a reference name")
@@ -1179,7 +1181,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         found = [u for u in await view.search(node) if view.seq_of(u) is not None]
         highest = None
         if uses_modseq and found:
-            highest = await view.highest_modseq(found)
+            highest = await view.highest_modseq(_modseq_scope(found, options))
         numbers = found if uid else [view.seq_of(u) for u in found]
         if options is None:
             line = b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
@@ -1252,6 +1254,20 @@ def _state_error(state, allowed):
     if allowed == ("unauth",):
         return "Already logged in"
     return "No mailbox selected"
+
+def _modseq_scope(found, options):
+    """The messages whose highest MODSEQ a SEARCH answer reports (RFC 7162 3.1.5): with
+    ESEARCH's MIN or MAX alone, the message returned; with both (and neither ALL nor
+    COUNT), the two; otherwise every message found."""
+    if options is None or "ALL" in options or "COUNT" in options:
+        return found
+    scope = []
+    if "MIN" in options:
+        scope.append(found[0])
+    if "MAX" in options:
+        scope.append(found[-1])
+    return scope or found
+
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ",
                  "SIZE", "APPENDLIMIT")

@@ -355,7 +355,7 @@ class Account:
             floor = self._recent_floor.get(info.id, snapshot[0].get("recent_floor", 1))
             view.recent = {uid for uid in view._uids if uid >= floor}
         else:
-            view.recent = self._claim_recent(info.id, snapshot[0], view._uids)
+            view.recent = self._claim_recent(info.id, info.uidvalidity, snapshot[0], view._uids)
         return view
 
     def _release(self, view):
@@ -363,7 +363,7 @@ class Account:
         if views and view in views:
             views.remove(view)
 
-    def _claim_recent(self, mailbox, snapshot_info, uids):
+    def _claim_recent(self, mailbox, uidvalidity, snapshot_info, uids):
         """The UIDs that are \\Recent for the claiming session: exactly one session each.
 
         The floor lives in memory (the reactor thread makes claims atomic) and is
@@ -373,17 +373,21 @@ class Account:
         recent = {uid for uid in uids if uid >= floor}
         new_floor = max([floor] + [uid + 1 for uid in recent])
         if new_floor != floor:
-            self._set_floor(mailbox, new_floor)
+            self._set_floor(mailbox, uidvalidity, new_floor)
         else:
             self._recent_floor[mailbox] = floor
         return recent
 
-    def _set_floor(self, mailbox, floor):
+    def _set_floor(self, mailbox, uidvalidity, floor):
         self._recent_floor[mailbox] = floor
+        # A mailbox deleted and created again under its name keeps its document id but
+        # starts over with a new UIDVALIDITY and UID 1: a late write for the old one
+        # must not raise the new one's floor.
         self.store.transact(
             lambda txn: txn.execute(
-                "UPDATE mailboxes SET recent_floor = max(recent_floor, ?) WHERE doc_id = ?",
-                (floor, mailbox),
+                "UPDATE mailboxes SET recent_floor = max(recent_floor, ?) "
+                "WHERE doc_id = ? AND uidvalidity = ?",
+                (floor, mailbox, uidvalidity),
             )
         ).addErrback(lambda f: None)
 
@@ -393,6 +397,11 @@ class Account:
                 self.text_indexer.kick()
                 continue
             if isinstance(event, MailboxChanged):
+                if event.name is None:
+                    # Deleted: the id comes back if the name is created again (it is
+                    # keyed by the name), as a new mailbox whose messages from UID 1
+                    # on are \Recent, not below an old incarnation's floor.
+                    self._recent_floor.pop(event.mailbox, None)
                 views = self._views.get(event.mailbox, [])
                 for view in list(views):
                     view._notify(event)
@@ -408,7 +417,7 @@ class Account:
                 writable = [v for v in views if not v.readonly]
                 if floor is not None and event.uid >= floor and writable:
                     recent_to = writable[0]
-                    self._set_floor(event.mailbox, event.uid + 1)
+                    self._set_floor(event.mailbox, recent_to.info.uidvalidity, event.uid + 1)
             for view in list(views):
                 view._notify(event, recent=view is recent_to)
 

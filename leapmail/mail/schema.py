@@ -8,6 +8,7 @@ by sync — UIDs are assigned and events emitted the same way for both.
 """
 
 import datetime
+import re
 import time
 
 from leapmail.mail import codec
@@ -337,20 +338,111 @@ def _index_header(txn, doc_id, rowid, data):
     Only the header is read back (it lies in the skeleton, no part is touched).  The
     full text is indexed later, in batches (:mod:`leapmail.mail.textindex`).
     """
-    from leapmail.mail import mime
     from leapmail.mail.message import Content, read_range
 
     content = Content(doc_id, data)
     root = content.tree
     header = read_range(txn, content, root.start, root.body_start)
-    rows = [
-        (rowid, name.decode("latin-1").lower(), mime.decode_header_value(value).casefold())
-        for name, value in mime.header_fields(header, 0, root.header_end - root.start)
-    ]
     txn.conn.executemany(
-        "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)", rows
+        "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)",
+        header_rows(rowid, header, root.header_end - root.start),
     )
     txn.execute("UPDATE contents SET header = ? WHERE rowid = ?", (header, rowid))
+
+
+#: Fields whose value is an address list.  SEARCH FROM, TO, CC and BCC look for their
+#: string "in the envelope structure's" field (RFC 3501 6.4.4), so these get a second
+#: row: the addresses as the envelope has them, without the comments and odd spacing
+#: the header may put between the parts of an address.
+ADDRESS_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+
+
+def header_rows(rowid, header, header_end):
+    """The ``header_fields`` rows of one content: ``(rowid, name, value)``."""
+    from leapmail.mail import mime
+
+    rows = []
+    for name, value in mime.header_fields(header, 0, header_end):
+        name = name.decode("latin-1").lower()
+        decoded = mime.decode_header_value(value).casefold()
+        rows.append((rowid, name, decoded))
+        if name in ADDRESS_FIELDS:
+            addresses = _other_address_text(value, decoded)
+            if addresses is not None:
+                rows.append((rowid, name, addresses))
+    return rows
+
+
+# What can come between the parts of an address and break a substring of it: a
+# comment, a quoted part, a fold, blanks around "@".  Without any of them the header
+# text holds the addresses as they are, and parsing them would only cost time.
+_ADDRESS_NOISE = re.compile(rb'[("\\\n\r]| @|@ ')
+
+
+def _other_address_text(value, decoded):
+    """:func:`addresses_text` of ``value`` where it says more than ``decoded`` does."""
+    if not _ADDRESS_NOISE.search(value):
+        return None
+    addresses = addresses_text(value)
+    return addresses if addresses is not None and addresses != decoded else None
+
+
+def addresses_text(value):
+    """An address-list value as the envelope sees it, case-folded for search:
+    ``name <mailbox@host>, ...`` (names decoded), groups as ``group: ...;``."""
+    from leapmail.mail import mime
+    from leapmail.mail.envelope import parse_addresses
+
+    parsed = parse_addresses(value)
+    if not parsed:
+        return None
+
+    def text(part):
+        return "" if part is None else mime.decode_header_value(part)
+
+    out = []
+    separator = ""
+    for name, _route, mailbox, host in parsed:
+        if mailbox is None and host is None:                # end of a group
+            out.append(";")
+            separator = ", "
+            continue
+        out.append(separator)
+        if host is None:                                    # start of a group
+            out.append(text(mailbox) + ":")
+            separator = " "
+            continue
+        address = text(mailbox) + "@" + text(host)
+        out.append(f"{text(name)} <{address}>" if name else address)
+        separator = ", "
+    return "".join(out).casefold()
+
+
+def _v4_address_rows(conn):
+    """Version 4: the envelope-address rows for contents indexed before them.
+
+    Contents from before version 2 have no stored header block; their SEARCH FROM
+    keeps matching the header text only.
+    """
+    from leapmail.mail import mime
+
+    cursor = conn.execute("SELECT rowid, header FROM contents WHERE header IS NOT NULL")
+    while True:
+        batch = cursor.fetchmany(500)
+        if not batch:
+            break
+        rows = []
+        for rowid, header in batch:
+            for name, value in mime.header_fields(bytes(header), 0, len(header)):
+                name = name.decode("latin-1").lower()
+                if name not in ADDRESS_FIELDS:
+                    continue
+                addresses = _other_address_text(
+                    value, mime.decode_header_value(value).casefold())
+                if addresses is not None:
+                    rows.append((rowid, name, addresses))
+        conn.executemany(
+            "INSERT INTO header_fields (content, name, value) VALUES (?, ?, ?)", rows)
 
 
 def index_subscription(txn, old, new):
@@ -393,7 +485,7 @@ from leapmail.store.documents import BLOB_KIND  # noqa: E402
 
 MAIL = SchemaComponent(
     name="mail",
-    migrations=(_V1, _V2, _V3),
+    migrations=(_V1, _V2, _V3, _v4_address_rows),
     indexers={
         MAILBOX_KIND: index_mailbox,
         FLAGS_KIND: index_flags,
