@@ -189,6 +189,18 @@ class SyncService(service.Service):
         elif self._push_again:
             self.push_soon()
 
+    async def device_token(self, refused=None):
+        """The device token, for the relay's AUTH at the provider's submission port.
+
+        ``refused``: the token the provider just refused; this logs in again (once,
+        whoever asks: the pull loop may have done it already).
+        """
+        if refused is not None and self.client.token == refused:
+            self.client.token = None
+            await self.replicator.store.transact(lambda txn: set_state(txn, "token", None))
+        await self._ensure_token()
+        return self.client.token
+
     async def _ensure_token(self):
         if self.client.token is None:
             self.client.token = await self.replicator.store.read(get_state, "token")
