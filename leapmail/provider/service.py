@@ -2,6 +2,7 @@
 
     twistd -n leapmail-provider --home DIR --port P [--listen ADDR] [--database URL]
                                 [--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]
+                                [--submission-port S [--smarthost HOST[:PORT]]]
 
 Serves the sync API (:mod:`leapmail.provider.api`) over HTTPS on ``ADDR:P``
 (127.0.0.1 unless told otherwise) and logs ``Provider listening on HOST:PORT`` once
@@ -12,6 +13,9 @@ self-signed for ``localhost`` and ``127.0.0.1`` on first start, unless
 Storage: SQLite in ``DIR/provider.db`` by default, or PostgreSQL
 (``--database postgresql://USER:PASSWORD@HOST/DB``), which any number of front ends
 can share; the URL's password never reaches the log.
+
+With ``--submission-port`` it also serves authenticated SMTP submission
+(:mod:`leapmail.provider.submission`) with the same certificate for STARTTLS.
 """
 
 import os
@@ -64,6 +68,12 @@ class Options(usage.Options):
         ["tls-cert", None, None, "certificate (PEM) to serve instead of DIR/tls-cert.pem"],
         ["tls-key", None, None, "its private key (PEM)"],
         ["token-lifetime", None, "2592000", "seconds a device token is good for (30 days)"],
+        ["submission-port", None, None,
+         "serve authenticated SMTP submission on this port (0: any free port; the log "
+         "says \"submission listening on HOST:PORT\"); not served unless given"],
+        ["smarthost", None, None,
+         "HOST[:PORT] that submission hands mail for other domains to (default port 25); "
+         "without one, such mail is refused"],
     ]
 
     def postOptions(self):
@@ -72,6 +82,15 @@ class Options(usage.Options):
         self["port"] = parse_port("port", self["port"])
         self["listen"] = parse_address(self["listen"])
         self["token-lifetime"] = parse_lifetime(self["token-lifetime"])
+        if self["submission-port"] is not None:
+            self["submission-port"] = parse_port("submission-port", self["submission-port"])
+        if self["smarthost"] is not None:
+            from leapmail.provider.submission import parse_smarthost
+
+            try:
+                self["smarthost"] = parse_smarthost(self["smarthost"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
 
@@ -183,5 +202,38 @@ def makeService(options):
         raise SystemExit(f"leapmail-provider: {e.strerror}: {e.filename}") from None
     Logger().info("provider storage: {where}", where=storage.describe())
     report_start_errors("leapmail-provider")
-    return ProviderService(storage, secret, options["listen"], options["port"], tls,
-                           options["token-lifetime"])
+    provider = ProviderService(storage, secret, options["listen"], options["port"], tls,
+                               options["token-lifetime"])
+    provider.home = home
+    if options["submission-port"] is None:
+        return provider
+    return _with_submission(provider, options, tls)
+
+
+def _with_submission(provider, options, tls):
+    """The provider's services under one parent, submission started after (and
+    stopped before) the storage and threads it uses."""
+    import socket
+
+    from leapmail.provider.submission import DEFAULT_MAX_SIZE, SubmissionService
+
+    top = service.MultiService()
+    provider.setServiceParent(top)
+    max_size = options.get("max-message-size") or DEFAULT_MAX_SIZE
+    SubmissionService(provider, options["listen"], options["submission-port"], tls,
+                      socket.getfqdn() or "localhost", smarthost=options["smarthost"],
+                      max_size=int(max_size), intake_factory=_intake_factory(max_size)
+                      ).setServiceParent(top)
+    return top
+
+
+def _intake_factory(max_size):
+    """The MX's intake for local recipients, where this release has one."""
+    try:
+        from leapmail.provider.intake import Intake
+    except ImportError:
+        return None
+    import socket
+
+    return lambda provider: Intake(provider.storage, provider.threadpool, int(max_size),
+                                   socket.getfqdn() or "localhost")

@@ -196,6 +196,13 @@ class IProviderStorage(Interface):
     def get_bundle(user_id):
         """The account's sealed secrets bundle (bytes)."""
 
+    def address_of(user_id):
+        """The account's address, or ``None`` (submission: who a token logs in as)."""
+
+    def hosts_domain(domain):
+        """Whether any account has an address in ``domain`` (lower case): submission
+        refuses unknown users of such a domain rather than relaying them away."""
+
     def push(user_id, docs):
         """Write ``docs``, a sequence of ``(id, base_rev, data)`` with distinct ids, all
         or nothing, each at ``base_rev + 1``.
@@ -487,6 +494,17 @@ class SQLStorage:
                   "VALUES (?, ?, ?, ?, ?, ?)",
                   (user_id, device_id, device_name, bytes(token_hash), int(token_expires),
                    int(now)))
+
+    def address_of(self, user_id):
+        with self._transaction() as c:
+            row = c.one("SELECT address FROM users WHERE id = ?", (user_id,))
+        return None if row is None else row[0]
+
+    def hosts_domain(self, domain):
+        with self._transaction() as c:
+            row = c.one("SELECT 1 FROM users WHERE address LIKE ? LIMIT 1",
+                        ("%@" + domain.lower(),))
+        return row is not None
 
     def device_by_token_hash(self, token_hash):
         token_hash = bytes(token_hash)

@@ -137,12 +137,15 @@ class SMTPConnection:
         self._reader.transport.write(line + b"\r\n")
         return await self._expect(*codes)
 
-    async def send(self, sender, recipients, pieces):
+    async def send(self, sender, recipients, pieces, all_or_nothing=False):
         """Send one message; ``pieces`` is an async iterable of its bytes (CRLF line
         ends).  Returns ``(accepted, refused)``: the recipients the server took, and
         ``[(recipient, code, text)]`` it refused.  Raises :class:`SMTPClientError`
         when the message as a whole was refused (every recipient is then refused
-        with that code) or the connection failed."""
+        with that code) or the connection failed.
+
+        ``all_or_nothing``: send nothing unless every recipient is accepted (then
+        ``accepted`` is empty and ``refused`` names the ones refused)."""
         write = self._reader.transport.write
         await self._command(b"MAIL FROM:<" + sender.encode() + b">", 250)
         accepted, refused = [], []
@@ -153,9 +156,9 @@ class SMTPConnection:
                 accepted.append(rcpt)
             else:
                 refused.append((rcpt, code, text))
-        if not accepted:
+        if not accepted or (refused and all_or_nothing):
             await self._command(b"RSET", 250)
-            return accepted, refused
+            return [], refused
         await self._command(b"DATA", 354)
         last = b"\n"
         async for piece in pieces:
