@@ -103,6 +103,9 @@ class SMTPConnection:
         except Exception as e:
             raise SMTPClientError(0, f"cannot connect to {host}:{port}: {e}") from None
         self = cls(reader)
+        # Commands and message pieces are small writes whose answers we wait for:
+        # Nagle's algorithm would hold each behind a delayed ACK.
+        reader.transport.setTcpNoDelay(True)
         try:
             await self._expect(220)
             await self._ehlo(helo)
@@ -147,11 +150,24 @@ class SMTPConnection:
         ``all_or_nothing``: send nothing unless every recipient is accepted (then
         ``accepted`` is empty and ``refused`` names the ones refused)."""
         write = self._reader.transport.write
-        await self._command(b"MAIL FROM:<" + sender.encode() + b">", 250)
+        mail = b"MAIL FROM:<" + sender.encode() + b">\r\n"
+        rcpts = [b"RCPT TO:<" + r.encode() + b">\r\n" for r in recipients]
         accepted, refused = [], []
-        for rcpt in recipients:
-            write(b"RCPT TO:<" + rcpt.encode() + b">\r\n")
+        if "PIPELINING" in self.extensions:
+            # RFC 2920: the envelope in one write, the replies read in order after.
+            write(mail + b"".join(rcpts))
             code, text = await self._reader.reply()
+            replies = [await self._reader.reply() for _ in rcpts]
+            if code != 250:
+                raise SMTPClientError(code, text)
+        else:
+            write(mail)
+            await self._expect(250)
+            replies = []
+            for line in rcpts:
+                write(line)
+                replies.append(await self._reader.reply())
+        for rcpt, (code, text) in zip(recipients, replies):
             if code in (250, 251):
                 accepted.append(rcpt)
             else:

@@ -196,17 +196,18 @@ class Relay:
 
     async def _settle(self, entry, delivered, failed, error):
         due = time.time() + retry_delay(entry.attempts)
-        updated = await self.outbox.record_attempt(entry.id, delivered, failed, error, due)
-        if updated is None:
-            return
         if delivered:
-            self.log.info("relayed {id} to {count} recipient(s)", id=entry.id,
-                          count=len(delivered))
+            self.log.debug("relayed {id} to {count} recipient(s)", id=entry.id,
+                           count=len(delivered))
             if self.save_sent:
-                raw = await self.outbox.read_all(updated)
+                # Before the outcome is recorded: a crash in between repeats the
+                # append, which its source makes a no-op, rather than losing it.
+                raw = await self.outbox.read_all(entry)
                 await self.account.append(SENT, raw, flags=("\\Seen",),
                                           source=b"sent\0" + entry.id.encode())
-        if updated.recipients:
+        updated = await self.outbox.record_attempt(entry.id, delivered, failed, error, due,
+                                                   remove_if_done=True)
+        if updated is None or updated.recipients:
             return
         if updated.failed:
             first = await self.outbox.chunk(entry.id, 0) if updated.chunks else b""
