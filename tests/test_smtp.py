@@ -447,3 +447,35 @@ def device_token(provider):
 
 
 
+
+
+def test_commands_pipelined_after_starttls_are_not_taken(alice):
+    # CVE-2011-0411: what came in the clear with STARTTLS must not count as said
+    # inside TLS.
+    sock = socket.create_connection(("127.0.0.1", alice.smtp_port), timeout=30)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    sock.sendall(b"EHLO me\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    sock.sendall(b"STARTTLS\r\n" + _auth_plain(alice) + b"MAIL FROM:<" + ALICE.encode()
+                 + b">\r\n")
+    assert f.readline() == b"220 2.0.0 ready to start TLS\r\n"
+    context = ssl.create_default_context(cafile=f"{alice.home}/tls-cert.pem")
+    tls = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    tf = tls.makefile("rb")
+    # Inside TLS the session starts over: no EHLO, no AUTH, no MAIL yet.
+    tls.sendall(b"MAIL FROM:<" + ALICE.encode() + b">\r\n")
+    assert tf.readline() == b"503 5.5.1 say EHLO first\r\n"
+    tls.sendall(b"EHLO me\r\n")
+    lines = []
+    while True:
+        line = tf.readline()
+        lines.append(line)
+        if line[3:4] != b"-":
+            break
+    assert b"250-AUTH PLAIN LOGIN\r\n" in lines or b"250 AUTH PLAIN LOGIN\r\n" in lines
+    assert not any(b"STARTTLS" in line for line in lines)
+    tls.sendall(b"MAIL FROM:<" + ALICE.encode() + b">\r\n")
+    assert tf.readline() == b"530 5.7.0 authentication required\r\n"
+    tls.close()

@@ -159,7 +159,9 @@ class SMTPServer(protocol.Protocol, policies.TimeoutMixin):
         buf = self._buffer
         pos = 0
         try:
-            while pos < len(buf) and not self._busy and not self.transport.disconnecting:
+            # A new buffer (STARTTLS threw the old one away) ends this pass.
+            while (pos < len(buf) and not self._busy and self._buffer is buf
+                   and not self.transport.disconnecting):
                 if self._mode == "data":
                     moved = self._data(buf, pos)
                     if moved is None:
