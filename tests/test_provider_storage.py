@@ -382,3 +382,102 @@ def test_sqlite_has_nothing_to_listen_to(tmp_path):
         assert s.listen(lambda user_id: None) is None
     finally:
         s.close()
+
+
+# -- incoming mail ------------------------------------------------------------------
+
+
+def test_incoming_key_names_only_claimed_accounts_with_a_key(storage):
+    uid = make_user(storage)
+    assert storage.incoming_key("alice@example.org") is None
+    storage.set_incoming_key(uid, b"k1" * 608)
+    storage.set_incoming_key(uid, b"k2" * 608)          # replaced, not added
+    assert storage.incoming_key("alice@example.org") == (uid, b"k2" * 608)
+    assert storage.incoming_key("nobody@example.org") is None
+    storage.create_user("bob@example.org", h("code-b"), NOW + WEEK, NOW)
+    assert storage.incoming_key("bob@example.org") is None
+    with pytest.raises(NoSuchAccount):
+        storage.set_incoming_key(uid + 1000, b"k")
+
+
+def test_deliveries_are_stored_in_bounded_rows_and_read_back(storage):
+    from leapmail.provider.storage import INCOMING_CHUNK
+
+    a = make_user(storage)
+    b = make_user(storage, "bob@example.org", "code-b")
+    big = [os.urandom(INCOMING_CHUNK), os.urandom(INCOMING_CHUNK), b"tail"]
+    storage.deliver([(a, "d1", iter(big)), (b, "d2", iter([b"small"]))], NOW)
+    assert storage.incoming_count(a, NOW) == 1 and storage.incoming_count(b, NOW) == 1
+    record = storage.incoming_record(a, "dev1", "d1", NOW)
+    assert (record.id, record.size, record.received, record.attempts, record.chunks) == (
+        "d1", 2 * INCOMING_CHUNK + 4, NOW, 0, 3)
+    assert [storage.incoming_chunk(a, "d1", n) for n in range(3)] == big
+    assert storage.incoming_chunk(a, "d1", 3) is None
+    # Another account's delivery is not found under this one.
+    assert storage.incoming_record(a, "dev1", "d2", NOW) is None
+    assert storage.incoming_chunk(a, "d2", 0) is None
+    with pytest.raises(ValueError):
+        storage.deliver([(a, "d3", [b"x" * (INCOMING_CHUNK + 1)])], NOW)
+    assert storage.incoming_record(a, "dev1", "d3", NOW) is None
+
+
+def test_a_failing_delivery_stores_nothing_for_anyone(storage):
+    a = make_user(storage)
+    b = make_user(storage, "bob@example.org", "code-b")
+
+    def broken():
+        yield b"first row"
+        raise OSError("the spool file went away")
+
+    with pytest.raises(OSError):
+        storage.deliver([(a, "ok", [b"fine"]), (b, "bad", broken())], NOW)
+    assert storage.incoming_count(a, NOW) == 0 and storage.incoming_count(b, NOW) == 0
+    assert storage.incoming_chunk(a, "ok", 0) is None
+
+
+def test_claims_lease_fail_backs_off_and_delete(storage):
+    uid = make_user(storage)
+    storage.deliver([(uid, f"d{i}", [b"box %d" % i]) for i in range(3)], NOW)
+    first = storage.claim_incoming(uid, "dev1", 2, NOW + 60, NOW)
+    assert [r.id for r in first] == ["d0", "d1"]
+    # Leased: not claimable (by anyone) until the lease ends.
+    assert [r.id for r in storage.claim_incoming(uid, "dev2", 10, NOW + 60, NOW)] == ["d2"]
+    assert storage.claim_incoming(uid, "dev1", 10, NOW + 60, NOW) == []
+    assert storage.claim_incoming(uid, "dev3", 10, NOW + 60, NOW) == []
+    assert storage.incoming_record(uid, "dev3", "d0", NOW) is None
+    assert storage.incoming_record(uid, "dev1", "d0", NOW).id == "d0"
+    assert storage.incoming_count(uid, NOW) == 0
+    assert storage.incoming_count(uid, NOW + 60) == 3
+    # A failure by a device that does not hold the lease changes nothing.
+    assert not storage.fail_incoming(uid, "dev2", "d0", NOW + 10, "not mine")
+    assert storage.fail_incoming(uid, "dev1", "d0", NOW + 10, "cannot open")
+    assert storage.claim_incoming(uid, "dev3", 10, NOW + 60, NOW + 9) == []
+    again = storage.claim_incoming(uid, "dev3", 10, NOW + 60, NOW + 10)
+    assert [(r.id, r.attempts) for r in again] == [("d0", 1)]
+    assert storage.delete_incoming(uid, ["d0", "d1", "d0", "nope"]) == 2
+    assert storage.incoming_chunk(uid, "d0", 0) is None
+    assert [r.id for r in storage.claim_incoming(uid, "dev3", 10, NOW + 200, NOW + 100)] == ["d2"]
+
+
+def test_concurrent_claims_split_the_deliveries(storage):
+    uid = make_user(storage)
+    storage.deliver([(uid, f"d{i:03}", [b"x"]) for i in range(60)], NOW)
+    results = {}
+
+    def claim(device):
+        got = []
+        while True:
+            batch = [r.id for r in storage.claim_incoming(uid, device, 3, NOW + 60, NOW)]
+            if not batch:
+                break
+            got += batch
+        results[device] = got
+        storage.release()
+
+    threads = [threading.Thread(target=claim, args=(f"dev{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [i for got in results.values() for i in got]
+    assert sorted(everything) == [f"d{i:03}" for i in range(60)]

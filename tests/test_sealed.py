@@ -74,3 +74,16 @@ def test_bad_keys_are_refused():
         IncomingKeyPair.from_private_bytes(b"x" * 95)
     with pytest.raises(SealedError):
         Sealer(b"x" * 100)
+
+
+def test_sealer_fed_line_by_line(keys):
+    # SMTP hands the message over a line at a time: many small updates must seal the
+    # same chunks as one big one (and cost linear time: see Sealer.update).
+    line = b"x" * 76 + b"\r\n"
+    message = line * (3 * CHUNK // len(line) + 7)
+    sealer = Sealer(keys.public_bytes())
+    parts = [sealer.head] + [sealer.update(line) for _ in range(len(message) // len(line))]
+    parts.append(sealer.finish())
+    box = b"".join(parts)
+    assert keys.open(box) == message
+    assert [len(c) for c in keys.open_chunks(box)] == [CHUNK] * 3 + [len(message) - 3 * CHUNK]

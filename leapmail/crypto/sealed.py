@@ -124,7 +124,9 @@ class Sealer:
         header = _SUITE.encrypt(key, public, info=_INFO)
         self._aead, self._aad = AESGCM(key), hashlib.sha256(header).digest()
         self._counter = 0
-        self._pending = b""
+        # A bytearray, not bytes: SMTP hands the message over a line at a time, and
+        # bytes += would copy the whole pending chunk for every line.
+        self._pending = bytearray()
         self.head = MAGIC + struct.pack(">H", len(header)) + header
 
     def _seal(self, data, last):
@@ -135,14 +137,20 @@ class Sealer:
     def update(self, data):
         """Sealed bytes for what is complete so far (the last chunk waits for finish)."""
         self._pending += data
-        out = []
-        while len(self._pending) > CHUNK:
-            out.append(self._seal(self._pending[:CHUNK], False))
-            self._pending = self._pending[CHUNK:]
+        if len(self._pending) <= CHUNK:
+            return b""
+        view = memoryview(self._pending)
+        out, start = [], 0
+        # Strictly more than a chunk must be pending: the last chunk is sealed by finish.
+        while len(self._pending) - start > CHUNK:
+            out.append(self._seal(view[start:start + CHUNK], False))
+            start += CHUNK
+        view.release()
+        del self._pending[:start]
         return b"".join(out)
 
     def finish(self):
-        data, self._pending = self._pending, b""
+        data, self._pending = bytes(self._pending), bytearray()
         return self._seal(data, True)
 
 

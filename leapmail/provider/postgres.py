@@ -64,6 +64,34 @@ SCHEMA = [
     # Document data is ciphertext: compressing it is wasted work.
     "ALTER TABLE docs ALTER COLUMN data SET STORAGE EXTERNAL",
     "CREATE INDEX IF NOT EXISTS docs_by_seq ON docs (user_id, seq)",
+    """CREATE TABLE IF NOT EXISTS incoming_keys (
+        user_id BIGINT PRIMARY KEY REFERENCES users (id),
+        public_key BYTEA NOT NULL
+    )""",
+    # A sealed delivery: what the daemon claims (a lease: lease_device until
+    # lease_until), and when it may try again after failing (not_before).
+    """CREATE TABLE IF NOT EXISTS incoming (
+        user_id BIGINT NOT NULL REFERENCES users (id),
+        id TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        chunks BIGINT NOT NULL,
+        received BIGINT NOT NULL,
+        not_before BIGINT NOT NULL,
+        lease_device TEXT,
+        lease_until BIGINT NOT NULL,
+        attempts BIGINT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (user_id, id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS incoming_due ON incoming (user_id, not_before)",
+    """CREATE TABLE IF NOT EXISTS incoming_chunks (
+        user_id BIGINT NOT NULL,
+        incoming_id TEXT NOT NULL,
+        n BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (user_id, incoming_id, n)
+    )""",
+    "ALTER TABLE incoming_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
 ]
 
 #: Any constant: the advisory lock two processes creating the schema take in turn.

@@ -48,6 +48,33 @@ SCHEMA = [
         UNIQUE (user_id, id)
     )""",
     "CREATE INDEX IF NOT EXISTS docs_by_seq ON docs (user_id, seq)",
+    """CREATE TABLE IF NOT EXISTS incoming_keys (
+        user_id INTEGER PRIMARY KEY REFERENCES users (id),
+        public_key BLOB NOT NULL
+    )""",
+    # A sealed delivery: what the daemon claims (a lease: lease_device until
+    # lease_until), and when it may try again after failing (not_before).
+    """CREATE TABLE IF NOT EXISTS incoming (
+        user_id INTEGER NOT NULL REFERENCES users (id),
+        id TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        chunks INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        not_before INTEGER NOT NULL,
+        lease_device TEXT,
+        lease_until INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT,
+        PRIMARY KEY (user_id, id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS incoming_due ON incoming (user_id, not_before)",
+    """CREATE TABLE IF NOT EXISTS incoming_chunks (
+        user_id INTEGER NOT NULL,
+        incoming_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (user_id, incoming_id, n)
+    )""",
 ]
 
 

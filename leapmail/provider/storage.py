@@ -37,10 +37,14 @@ from zope.interface import Interface, implementer
 
 from leapmail.errors import LeapmailError
 
-#: Bump when the schema changes; a database made by a newer release is refused.
-SCHEMA_VERSION = 1
+#: Bump when the schema changes; a database made by a newer release is refused, an
+#: older one gets the new tables (every CREATE is IF NOT EXISTS).
+SCHEMA_VERSION = 2
 #: The PostgreSQL NOTIFY channel pushes announce themselves on (payload: user id).
 NOTIFY_CHANNEL = "leapmail_changes"
+#: A sealed delivery is stored in rows of at most this many bytes: a 50 MB message is
+#: never one value to read (or to hold in memory) at once.
+INCOMING_CHUNK = 1024 * 1024
 
 
 # -- errors -------------------------------------------------------------------------
@@ -143,6 +147,21 @@ class Doc:
 
 
 @dataclass(frozen=True)
+class Incoming:
+    """A sealed delivery waiting in an account's incoming queue."""
+
+    id: str
+    #: Bytes of the sealed box.
+    size: int
+    #: Unix time the provider accepted it.
+    received: int
+    #: Failed attempts to open or import it so far.
+    attempts: int
+    #: How many rows (of at most ``INCOMING_CHUNK`` bytes) hold it, in order from 0.
+    chunks: int
+
+
+@dataclass(frozen=True)
 class Changes:
     docs: list
     #: Where to ask from next time: the last ``seq`` in ``docs``, or the account's
@@ -225,6 +244,45 @@ class IProviderStorage(Interface):
 
     def head(user_id):
         """The account's current change sequence number."""
+
+    def set_incoming_key(user_id, public_key):
+        """Register (or replace) the public key incoming mail is sealed to."""
+
+    def incoming_key(address):
+        """``(user_id, public_key)`` of the claimed account ``address`` if it has
+        registered an incoming key, else ``None``."""
+
+    def deliver(deliveries, now):
+        """Store sealed deliveries, all or nothing, and announce them to each account's
+        change feed.  ``deliveries``: ``[(user_id, delivery_id, chunks)]``, ``chunks``
+        an iterable of bytes of at most ``INCOMING_CHUNK`` each (read as it is stored).
+        """
+
+    def claim_incoming(user_id, device_id, limit, lease_until, now):
+        """Lease up to ``limit`` claimable deliveries to ``device_id`` until
+        ``lease_until``; returns their :class:`Incoming` records, oldest first.
+
+        Claimable: due (its not-before time has come) and not leased (or the lease has
+        ended; the holder's own included, so a claim always makes progress).  Of two
+        devices claiming at once, each delivery goes to one of them."""
+
+    def incoming_record(user_id, device_id, delivery_id, now):
+        """The :class:`Incoming` record of a delivery ``device_id`` may read (leased to
+        it, or claimable), else ``None``."""
+
+    def incoming_chunk(user_id, delivery_id, n):
+        """Row ``n`` of a delivery's sealed bytes, or ``None``."""
+
+    def fail_incoming(user_id, device_id, delivery_id, not_before, error):
+        """Release a delivery leased to ``device_id`` (even if the lease has run out,
+        as long as no other device has claimed it since) after a failed attempt: counted, and not claimable before ``not_before``.  Returns whether it
+        was found."""
+
+    def delete_incoming(user_id, ids):
+        """Delete those of ``ids`` the account has; returns how many."""
+
+    def incoming_count(user_id, now):
+        """How many of the account's deliveries are claimable now."""
 
     def listen(callback):
         """Have ``callback(user_id)`` called, from a thread of the storage's, whenever
@@ -397,9 +455,10 @@ class SQLStorage:
             meta, *rest = self._schema()
             c.execute(meta)
             row = c.one("SELECT value FROM meta WHERE key = 'schema_version'")
-            if row is None:
+            if row is None or int(row[0]) < SCHEMA_VERSION:
                 for statement in rest:
                     c.execute(statement)
+                c.execute("DELETE FROM meta WHERE key = 'schema_version'")
                 c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                           (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
@@ -614,6 +673,107 @@ class SQLStorage:
             row = c.one("SELECT seq FROM users WHERE id = ?", (user_id,))
         if row is None:
             raise NoSuchAccount(user_id)
+        return row[0]
+
+    # -- incoming mail ----------------------------------------------------------
+
+    def set_incoming_key(self, user_id, public_key):
+        with self._transaction(write=True) as c:
+            if not c.one("SELECT 1 FROM users WHERE id = ? AND claimed_at IS NOT NULL",
+                         (user_id,)):
+                raise NoSuchAccount(user_id)
+            c.execute("INSERT INTO incoming_keys (user_id, public_key) VALUES (?, ?) "
+                      "ON CONFLICT (user_id) DO UPDATE SET public_key = excluded.public_key",
+                      (user_id, bytes(public_key)))
+
+    def incoming_key(self, address):
+        with self._transaction() as c:
+            row = c.one("SELECT u.id, k.public_key FROM users u JOIN incoming_keys k "
+                        "ON k.user_id = u.id WHERE u.address = ? AND u.claimed_at IS NOT NULL",
+                        (address,))
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def deliver(self, deliveries, now):
+        with self._transaction(write=True) as c:
+            users = set()
+            for user_id, delivery_id, chunks in deliveries:
+                size = n = 0
+                for data in chunks:
+                    if len(data) > INCOMING_CHUNK:
+                        raise ValueError("a delivery chunk over INCOMING_CHUNK bytes")
+                    c.execute("INSERT INTO incoming_chunks (user_id, incoming_id, n, data) "
+                              "VALUES (?, ?, ?, ?)", (user_id, delivery_id, n, bytes(data)))
+                    size += len(data)
+                    n += 1
+                c.execute("INSERT INTO incoming (user_id, id, size, chunks, received, "
+                          "not_before, lease_until, attempts) VALUES (?, ?, ?, ?, ?, 0, 0, 0)",
+                          (user_id, delivery_id, size, n, int(now)))
+                users.add(user_id)
+            for user_id in sorted(users):
+                self._notify(c, user_id)
+
+    _INCOMING = "id, size, received, attempts, chunks"
+
+    def claim_incoming(self, user_id, device_id, limit, lease_until, now):
+        now = int(now)
+        claimed = []
+        with self._transaction(write=True) as c:
+            rows = c.all(f"SELECT {self._INCOMING} FROM incoming WHERE user_id = ? "
+                         "AND not_before <= ? AND lease_until <= ? "
+                         "ORDER BY received, id LIMIT ?",
+                         (user_id, now, now, int(limit)))
+            for row in rows:
+                # The condition again: on PostgreSQL a concurrent claim may have taken
+                # the row since the SELECT (the UPDATE waits for it, then re-checks).
+                c.execute("UPDATE incoming SET lease_device = ?, lease_until = ? "
+                          "WHERE user_id = ? AND id = ? AND not_before <= ? "
+                          "AND lease_until <= ?",
+                          (device_id, int(lease_until), user_id, row[0], now, now))
+                if c.rowcount == 1:
+                    claimed.append(Incoming(*row))
+        return claimed
+
+    def incoming_record(self, user_id, device_id, delivery_id, now):
+        now = int(now)
+        with self._transaction() as c:
+            row = c.one(f"SELECT {self._INCOMING} FROM incoming WHERE user_id = ? AND id = ? "
+                        "AND (lease_device = ? OR (lease_until <= ? AND not_before <= ?))",
+                        (user_id, delivery_id, device_id, now, now))
+        return None if row is None else Incoming(*row)
+
+    def incoming_chunk(self, user_id, delivery_id, n):
+        with self._transaction() as c:
+            row = c.one("SELECT data FROM incoming_chunks WHERE user_id = ? AND incoming_id = ? "
+                        "AND n = ?", (user_id, delivery_id, int(n)))
+        return None if row is None else bytes(row[0])
+
+    def fail_incoming(self, user_id, device_id, delivery_id, not_before, error):
+        with self._transaction(write=True) as c:
+            c.execute("UPDATE incoming SET attempts = attempts + 1, not_before = ?, "
+                      "lease_device = NULL, lease_until = 0, error = ? "
+                      "WHERE user_id = ? AND id = ? AND lease_device = ?",
+                      (int(not_before), str(error)[:200], user_id, delivery_id, device_id))
+            return c.rowcount == 1
+
+    def delete_incoming(self, user_id, ids):
+        ids = list(dict.fromkeys(ids))
+        deleted = 0
+        with self._transaction(write=True) as c:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                among, params = self._among(chunk)
+                c.execute(f"DELETE FROM incoming_chunks WHERE user_id = ? "
+                          f"AND incoming_id {among}", (user_id, *params))
+                c.execute(f"DELETE FROM incoming WHERE user_id = ? AND id {among}",
+                          (user_id, *params))
+                deleted += c.rowcount
+        return deleted
+
+    def incoming_count(self, user_id, now):
+        now = int(now)
+        with self._transaction() as c:
+            row = c.one("SELECT count(*) FROM incoming WHERE user_id = ? AND not_before <= ? "
+                        "AND lease_until <= ?", (user_id, now, now))
         return row[0]
 
 
