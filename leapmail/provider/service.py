@@ -235,5 +235,7 @@ def _intake_factory(max_size):
         return None
     import socket
 
+    # wake: a delivery reaches the recipient's long poll at once, as a push does.
     return lambda provider: Intake(provider.storage, provider.threadpool, int(max_size),
-                                   socket.getfqdn() or "localhost")
+                                   socket.getfqdn() or "localhost",
+                                   wake=provider.api.waiters.wake)

@@ -91,6 +91,10 @@ class SubmissionBackend(Backend):
             return
         domain = address.rpartition("@")[2].lower()
         if await self._run(self.storage.hosts_domain, domain):
+            if await self._run(self.storage.find_account, address.lower()) is not None:
+                # An account not set up to receive yet: it will be, so not for good.
+                raise Reply(450, "4.2.1", f"<{address}> cannot receive mail yet; try "
+                                          "again later")
             raise Reply(550, "5.1.1", f"<{address}>: no such user here")
         if self.smarthost is None:
             raise Reply(550, "5.7.1", f"<{address}>: this provider delivers to its own "
@@ -167,20 +171,30 @@ class _SubmissionReceiver:
     async def _to_intake(self, recipients):
         from leapmail.provider.intake import IntakeError
 
-        receiver = self._backend.intake.receiver(recipients, self._trace)
+        try:
+            receiver = self._backend.intake.receiver(recipients, self._trace)
+        except IntakeError as e:
+            raise _intake_reply(e) from None
         try:
             async for piece in self._pieces(trace=False):
                 receiver.write(piece)
             await receiver.finish()
         except IntakeError as e:
             receiver.abort()
-            raise Reply(451, "4.3.0", f"could not deliver locally: {e}") from None
+            raise _intake_reply(e) from None
         except BaseException:
             receiver.abort()
             raise
 
     def abort(self):
         self._spool.close()
+
+
+def _intake_reply(error):
+    status, _, text = error.text.partition(" ")
+    if not status[:1].isdigit():
+        status, text = f"{str(error.code)[0]}.0.0", error.text
+    return Reply(error.code, status, f"local delivery failed: {text}")
 
 
 def _passed_back(code, text, who):
