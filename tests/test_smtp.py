@@ -479,3 +479,34 @@ def test_commands_pipelined_after_starttls_are_not_taken(alice):
     tls.sendall(b"MAIL FROM:<" + ALICE.encode() + b">\r\n")
     assert tf.readline() == b"530 5.7.0 authentication required\r\n"
     tls.close()
+
+
+def test_submission_delivers_to_the_providers_own_users_through_the_intake(provider, sink):
+    from leapmail.crypto.sealed import IncomingKeyPair
+    from leapmail.provider.storage import open_storage
+
+    token = device_token(provider)
+    key = IncomingKeyPair.generate()
+    # The device side of registering an incoming key is not this test's business:
+    # the key goes straight into the provider's database.
+    storage = open_storage(provider.home, None)
+    try:
+        carol = storage.find_account("carol@example.org").user_id
+        storage.set_incoming_key(carol, key.public_bytes())
+        message = MESSAGE.replace(b"bob@elsewhere.test", b"carol@example.org")
+        with submission_client(provider) as client:
+            client.login("carol@example.org", token)
+            refused = client.sendmail("carol@example.org",
+                                      ["Carol@example.org", "bob@elsewhere.test"], message)
+            assert refused == {}
+        [record] = storage.claim_incoming(carol, "test-device", 10, time.time() + 60,
+                                          time.time())
+        box = b"".join(storage.incoming_chunk(carol, record.id, n)
+                       for n in range(record.chunks))
+    finally:
+        storage.close()
+    opened = key.open(box)
+    assert opened.endswith(message)
+    assert TRACE.match(opened[:-len(message)]), opened[:-len(message)]
+    [(name, data)] = sink.messages().items()
+    assert name == "0001-bob@elsewhere.test.eml" and data.endswith(message)
