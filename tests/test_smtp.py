@@ -209,7 +209,7 @@ def test_without_save_sent_nothing_goes_into_sent(alice, sink, tmp_path):
     assert mailbox(alice, "Sent") == []
 
 
-def test_provider_down_the_message_stays_queued_across_a_restart(provider, sink, tmp_path):
+def test_provider_down_the_message_stays_queued_across_a_crash(provider, sink, tmp_path):
     alice = alice_daemon(provider, str(tmp_path / "alice")).start()
     try:
         provider.stop()
@@ -217,7 +217,7 @@ def test_provider_down_the_message_stays_queued_across_a_restart(provider, sink,
         assert result.returncode == 0, result.stderr
         wait_until(lambda: queued(alice) == 1, "the status to show one queued message")
         assert re.search(r"^relay: +.*cannot connect", status(alice), re.M), status(alice)
-        alice.stop()
+        alice.kill()  # a crash: the 250 was given, so the message must survive it
         provider.start()
         alice.start()
         got = wait_until(sink.messages, "the message at the smarthost")
@@ -510,3 +510,23 @@ def test_submission_delivers_to_the_providers_own_users_through_the_intake(provi
     assert TRACE.match(opened[:-len(message)]), opened[:-len(message)]
     [(name, data)] = sink.messages().items()
     assert name == "0001-bob@elsewhere.test.eml" and data.endswith(message)
+
+
+def test_a_big_message_arrives_byte_exact(alice, sink):
+    # Dot-stuffed lines everywhere, also across the 256 KiB pieces and chunks the
+    # message is cut into on its way.
+    lines = [b"Subject: big\r\nFrom: <alice@example.org>\r\n\r\n"]
+    for i in range(120_000):
+        lines.append(b"." * (i % 3) + b"line %06d of a big message, with some padding\r\n" % i)
+    message = b"".join(lines)
+    assert len(message) > 6_000_000
+    client = smtplib.SMTP("127.0.0.1", alice.smtp_port, timeout=120)
+    try:
+        client.login(alice.user, alice.password)
+        assert client.sendmail(ALICE, ["bob@elsewhere.test"], message) == {}
+    finally:
+        client.quit()
+    got = wait_until(sink.messages, "the message at the smarthost")
+    data = got["0001-bob@elsewhere.test.eml"]
+    assert data.endswith(message)
+    assert TRACE.match(data[:-len(message)])
