@@ -530,3 +530,20 @@ def test_a_big_message_arrives_byte_exact(alice, sink):
     data = got["0001-bob@elsewhere.test.eml"]
     assert data.endswith(message)
     assert TRACE.match(data[:-len(message)])
+
+
+def test_a_token_the_provider_refuses_is_replaced_and_the_mail_still_goes(alice, provider,
+                                                                          sink, tmp_path):
+    import sqlite3
+
+    # Every device token of the provider expires now (as after 30 days).
+    db = sqlite3.connect(os.path.join(provider.home, "provider.db"))
+    with db:
+        assert db.execute("UPDATE devices SET expires = 0").rowcount == 1
+    db.close()
+    result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
+    assert result.returncode == 0, result.stderr
+    # Well within the sync loop's long poll (25 s): the relay logged in by itself.
+    got = wait_until(sink.messages, "the message at the smarthost", deadline=15)
+    assert list(got) == ["0001-bob@elsewhere.test.eml"]
+    assert "logged in to the provider again (new device token)" in alice.log_text()
