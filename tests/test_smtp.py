@@ -547,3 +547,25 @@ def test_a_token_the_provider_refuses_is_replaced_and_the_mail_still_goes(alice,
     got = wait_until(sink.messages, "the message at the smarthost", deadline=15)
     assert list(got) == ["0001-bob@elsewhere.test.eml"]
     assert "logged in to the provider again (new device token)" in alice.log_text()
+
+
+def test_a_40_mb_message_is_queued_without_being_held_in_memory(alice, provider):
+    from dovecot_server import reset_peak, vm_hwm, vm_rss
+
+    provider.stop()
+    line = b"z" * 78 + b"\r\n"
+    body = line * (40 * 1024 * 1024 // len(line))
+    message = b"Subject: huge\r\n\r\n" + body
+    client = smtplib.SMTP("127.0.0.1", alice.smtp_port, timeout=120)
+    try:
+        client.login(alice.user, alice.password)
+        before = vm_rss(alice.pid)
+        reset_peak(alice.pid)
+        assert client.sendmail(ALICE, ["bob@elsewhere.test"], message) == {}
+        peak = vm_hwm(alice.pid)
+    finally:
+        client.quit()
+    # The message streams into the outbox a piece at a time: the daemon's peak grows
+    # by a few pieces and chunks, not by the message.
+    assert peak - before < 16 * 1024 * 1024, (before, peak)
+    wait_until(lambda: queued(alice) == 1, "the status to show the message queued")

@@ -9,8 +9,9 @@ threads, and writing it to a plaintext temporary file just to send it is not an 
 
 import base64
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from zope.interface import implementer
 
 #: Longest reply line taken from a server.
 MAX_REPLY_LINE = 4096
@@ -84,6 +85,30 @@ class _ReplyReader(protocol.Protocol):
             self._waiting = defer.Deferred()
             await self._waiting
         return self._replies.pop(0)
+
+
+@implementer(interfaces.IPushProducer)
+class _Flow:
+    """Told by the transport when its send buffer is full: the message is written no
+    faster than the peer reads it, so a 50 MB message is never all in memory."""
+
+    def __init__(self):
+        self._paused = None
+
+    def pauseProducing(self):
+        if self._paused is None:
+            self._paused = defer.Deferred()
+
+    def resumeProducing(self):
+        d, self._paused = self._paused, None
+        if d is not None:
+            d.callback(None)
+
+    stopProducing = resumeProducing
+
+    async def ready(self):
+        if self._paused is not None:
+            await self._paused
 
 
 class SMTPConnection:
@@ -177,15 +202,22 @@ class SMTPConnection:
             return [], refused
         await self._command(b"DATA", 354)
         last = b"\n"
-        async for piece in pieces:
-            if not piece:
-                continue
-            # Dot-stuffing (RFC 5321 4.5.2), also across piece boundaries.
-            stuffed = piece.replace(b"\n.", b"\n..")
-            if last == b"\n" and piece[:1] == b".":
-                stuffed = b"." + stuffed
-            write(stuffed)
-            last = piece[-1:]
+        flow = _Flow()
+        transport = self._reader.transport
+        transport.registerProducer(flow, True)
+        try:
+            async for piece in pieces:
+                if not piece:
+                    continue
+                # Dot-stuffing (RFC 5321 4.5.2), also across piece boundaries.
+                stuffed = piece.replace(b"\n.", b"\n..")
+                if last == b"\n" and piece[:1] == b".":
+                    stuffed = b"." + stuffed
+                write(stuffed)
+                last = piece[-1:]
+                await flow.ready()
+        finally:
+            transport.unregisterProducer()
         write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
         await self._expect(250)
         return accepted, refused
