@@ -14,6 +14,8 @@ from leapmail_daemon import BIN, ROOT, DaemonError, TwistdProcess
 
 PROVIDER_LISTENING = re.compile(rb"Provider listening on ([0-9.]+):([0-9]+)")
 SUBMISSION_LISTENING = re.compile(rb"submission listening on ([0-9.]+):([0-9]+)")
+#: Logged before the line above when the provider runs an MX (``--mx-port``).
+MX_LISTENING = re.compile(r"MX listening on [0-9.]+:([0-9]+)")
 
 
 class ProviderProcess(TwistdProcess):
@@ -30,6 +32,7 @@ class ProviderProcess(TwistdProcess):
         self.submission_port = None
         if submission:
             self.also_listening = {"submission_port": SUBMISSION_LISTENING}
+        self.mx_port = None
 
     def _db_args(self):
         return ["--database", self.database] if self.database else []
@@ -48,6 +51,8 @@ class ProviderProcess(TwistdProcess):
                   "--home", self.home, "--port", self._port_arg, *self._db_args(),
                   *self._submission_args(), *self.extra_args], timeout)
         self._port_arg = str(self.port)
+        found = MX_LISTENING.findall(self.log_text())
+        self.mx_port = int(found[-1]) if found and "--mx-port" in self.extra_args else None
         return self
 
     def _submission_args(self):

@@ -57,7 +57,8 @@ class Response:
         self.status = status
         self.headers = headers
         self.raw = raw
-        self.json = json.loads(raw) if raw else None
+        binary = headers.get("Content-Type") == "application/octet-stream"
+        self.json = json.loads(raw) if raw and not binary else None
 
     def __repr__(self):
         return f"<Response {self.status} {self.raw[:300]!r}>"
@@ -539,14 +540,14 @@ async def test_push_changes_conflict_get(provider):
     assert (r.status, r.json) == (200, {"changes": [
         {"id": "msg_2", "rev": 1, "seq": 2, "data": b64(b"two\xff")},
         {"id": "msg-1", "rev": 2, "seq": 3, "data": b64(b"one, again")},
-    ], "seq": 3, "more": False})
+    ], "seq": 3, "more": False, "incoming": 0})
     r = await in_thread(alice.changes, 2, limit=1)
     assert r.json == {"changes": [{"id": "msg-1", "rev": 2, "seq": 3,
-                                   "data": b64(b"one, again")}], "seq": 3, "more": False}
+                                   "data": b64(b"one, again")}], "seq": 3, "more": False, "incoming": 0}
     r = await in_thread(alice.changes, 0, limit=1)
     assert (r.json["seq"], r.json["more"]) == (2, True)
     r = await in_thread(alice.changes, 3)
-    assert r.json == {"changes": [], "seq": 3, "more": False}
+    assert r.json == {"changes": [], "seq": 3, "more": False, "incoming": 0}
     # A conflict names every stale document and writes nothing.
     r = await in_thread(alice.push, [("new", 0, b"n"), ("msg-1", 1, b"stale"),
                                      ("msg_2", 0, b"exists"), ("ghost", 3, b"g")])
@@ -561,7 +562,7 @@ async def test_push_changes_conflict_get(provider):
         {"id": "msg_2", "rev": 1, "seq": 2, "data": b64(b"two\xff")},
     ]})
     r = await in_thread(alice.changes, 3)
-    assert r.json == {"changes": [], "seq": 3, "more": False}
+    assert r.json == {"changes": [], "seq": 3, "more": False, "incoming": 0}
     r = await in_thread(alice.push, [])
     assert (r.status, r.json) == (200, {"seq": 3, "revs": []})
     r = await in_thread(alice.get_docs, [])
@@ -601,7 +602,7 @@ async def test_accounts_are_isolated(provider):
     r = await in_thread(alice.push, [("shared-id", 0, b"alice's"), ("only-alice", 0, b"a")])
     assert r.json["seq"] == 2
     r = await in_thread(bob.changes, 0)
-    assert r.json == {"changes": [], "seq": 0, "more": False}
+    assert r.json == {"changes": [], "seq": 0, "more": False, "incoming": 0}
     r = await in_thread(bob.get_docs, ["shared-id", "only-alice"])
     assert r.json == {"docs": []}
     # Alice's revision means nothing in Bob's account.
@@ -615,7 +616,7 @@ async def test_accounts_are_isolated(provider):
     assert r.json == {"bundle": b64(b"bundle of bob@example.org")}
     # Bob's pushes wake Bob's long polls, not Alice's.
     r = await in_thread(alice.changes, 2, wait=0.2)
-    assert r.json == {"changes": [], "seq": 2, "more": False}
+    assert r.json == {"changes": [], "seq": 2, "more": False, "incoming": 0}
 
 
 # -- limits ---------------------------------------------------------------------------
@@ -740,7 +741,7 @@ async def test_long_poll_times_out_empty(provider):
     started = time.monotonic()
     r = await in_thread(alice.changes, 1, wait=0.5)
     assert time.monotonic() - started >= 0.5
-    assert r.json == {"changes": [], "seq": 1, "more": False}
+    assert r.json == {"changes": [], "seq": 1, "more": False, "incoming": 0}
     # With something to say, no wait at all.
     r = await in_thread(alice.changes, 0, wait=30)
     assert [c["id"] for c in r.json["changes"]] == ["a"]
@@ -757,7 +758,7 @@ async def test_long_poll_wakes_on_a_push(provider):
         provider, lambda: alice.changes(0, wait=30), lambda: phone.push([("new", 0, b"hi")]))
     assert pushed.json == {"seq": 1, "revs": [1]}
     assert r.json == {"changes": [{"id": "new", "rev": 1, "seq": 1, "data": b64(b"hi")}],
-                      "seq": 1, "more": False}
+                      "seq": 1, "more": False, "incoming": 0}
     assert latency < 1.0
     assert time.monotonic() - poll_started < 10
 
@@ -980,7 +981,7 @@ def test_twistd_provider_headline_flow(tmp_path, database):
         r = phone.changes(0)
         assert r.json == {"changes": [{"id": "m1", "rev": 1, "seq": 1, "data": b64(b"one")},
                                       {"id": "m2", "rev": 1, "seq": 2, "data": b64(b"two")}],
-                          "seq": 2, "more": False}
+                          "seq": 2, "more": False, "incoming": 0}
         r = phone.push([("m1", 0, b"stale")])
         assert (r.status, r.json["conflicts"]) == (409, [{"id": "m1", "rev": 1}])
         r = phone.get_docs(["m2", "m1"])
@@ -1000,7 +1001,7 @@ def test_twistd_provider_headline_flow(tmp_path, database):
         # Another account's token opens nothing of Alice's.
         bob_code = adduser(home, "bob@example.org", database)
         bob = p.client(c.enroll("bob@example.org", bob_code).json["token"])
-        assert bob.changes(0).json == {"changes": [], "seq": 0, "more": False}
+        assert bob.changes(0).json == {"changes": [], "seq": 0, "more": False, "incoming": 0}
         assert bob.get_docs(["m1", "m2", "m3"]).json == {"docs": []}
         assert bob.get("/v1/bundle").json == {"bundle": b64(b"sealed bundle")}
         tokens = [laptop.token, phone.token, bob.token]
@@ -1076,3 +1077,79 @@ def test_twistd_refuses_bad_options(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == ("leapmail-provider: --database must be a postgresql:// URL "
                                 "or sqlite:PATH")
+
+
+# -- incoming mail ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_incoming_key_claim_get_fail_delete(provider):
+    from leapmail.crypto.sealed import IncomingKeyPair
+    from leapmail.provider.intake import Intake
+
+    keys = IncomingKeyPair.generate()
+    laptop = await provider.enrolled("alice@example.org")
+    r = await in_thread(laptop.login, "alice@example.org")
+    phone = provider.client(r.json["token"])
+    bad_key = await in_thread(laptop.request, "PUT", "/v1/incoming-key",
+                              {"public_key": b64(b"x" * 1215)})
+    assert bad_key.status == 400 and "public_key" in bad_key.json["message"]
+    for _ in range(2):          # idempotent
+        r = await in_thread(laptop.request, "PUT", "/v1/incoming-key",
+                            {"public_key": b64(keys.public_bytes())})
+        assert (r.status, r.json) == (200, {})
+    intake = Intake(provider.storage, provider.pool, 16 << 20, "mx.test", reactor,
+                    wake=provider.api.waiters.wake, clock=provider.clock)
+    assert await intake.accepts("alice@example.org")
+    message = b"Subject: hello\r\n\r\n" + b"body line\r\n" * 300_000
+
+    async def deliver():
+        receiver = intake.receiver(["alice@example.org"], b"Received: test\r\n")
+        receiver.write(message)
+        await receiver.finish()
+
+    # A parked long poll wakes for the new delivery and counts it.
+    polling = in_thread(laptop.changes, 0, wait=20)
+    await provider.next_poll()
+    started = time.monotonic()
+    await deliver()
+    answer = await polling
+    assert time.monotonic() - started < 2
+    assert (answer.status, answer.json["incoming"], answer.json["changes"]) == (200, 1, [])
+
+    r = await in_thread(laptop.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
+    assert r.status == 200
+    [item] = r.json["incoming"]
+    assert set(item) == {"id", "size", "received", "attempts"} and item["attempts"] == 0
+    # Leased to the laptop: the phone can neither claim nor read it.
+    r = await in_thread(phone.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
+    assert (r.status, r.json) == (200, {"incoming": []})
+    r = await in_thread(phone.get, "/v1/incoming/get?id=" + item["id"])
+    assert r.status == 404
+    r = await in_thread(laptop.get, "/v1/incoming/get?id=" + item["id"])
+    assert r.status == 200 and r.headers["Content-Type"] == "application/octet-stream"
+    assert len(r.raw) == item["size"] > 3 * 1024 * 1024
+    assert keys.open(r.raw) == b"Received: test\r\n" + message
+    # A failure puts it off and counts; the lease is gone.
+    r = await in_thread(phone.post, "/v1/incoming/fail",
+                        {"id": item["id"], "retry_after": 30, "error": "not mine"})
+    assert r.status == 404
+    r = await in_thread(laptop.post, "/v1/incoming/fail",
+                        {"id": item["id"], "retry_after": 30, "error": "cannot open\x00"})
+    assert (r.status, r.json) == (200, {})
+    r = await in_thread(phone.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
+    assert r.json == {"incoming": []}
+    provider.clock.now += 30
+    r = await in_thread(phone.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
+    assert [(i["id"], i["attempts"]) for i in r.json["incoming"]] == [(item["id"], 1)]
+    r = await in_thread(phone.post, "/v1/incoming/delete", {"ids": [item["id"], "gone"]})
+    assert (r.status, r.json) == (200, {"deleted": 1})
+    r = await in_thread(phone.get, "/v1/incoming/get?id=" + item["id"])
+    assert r.status == 404
+    for body, message_part in (({"limit": 0, "lease": 60}, "limit"),
+                               ({"limit": 1, "lease": 99999}, "lease"),
+                               ({"limit": 1}, "lease")):
+        r = await in_thread(phone.post, "/v1/incoming/claim", body)
+        assert r.status == 400 and r.json["message"].startswith(message_part), r
+    r = await in_thread(provider.client().post, "/v1/incoming/claim", {"limit": 1, "lease": 1})
+    assert r.status == 401

@@ -65,6 +65,13 @@ MAX_LOGIN_KEY = 1024
 VERIFIER_BYTES = 32
 #: A document batch of a streamed ``docs/get`` answer holds about this much data.
 GET_BATCH_BYTES = 8 * MiB
+#: Incoming mail (docs/incoming.rst): most deliveries one claim leases, the longest
+#: lease, the longest back-off a device may ask for, the longest error text kept.
+MAX_CLAIM = 100
+MAX_LEASE = 3600
+MAX_RETRY_AFTER = 7 * 86400
+MAX_ERROR_TEXT = 200
+INCOMING_KEY_BYTES = 1216
 
 #: Default lifetime of a device token: 30 days.
 TOKEN_LIFETIME = 30 * 86400
@@ -572,6 +579,11 @@ class ProviderAPI:
             (b"POST", b"/v1/docs"): self._push,
             (b"POST", b"/v1/docs/get"): self._get_docs,
             (b"GET", b"/v1/changes"): self._changes,
+            (b"PUT", b"/v1/incoming-key"): self._incoming_key,
+            (b"POST", b"/v1/incoming/claim"): self._incoming_claim,
+            (b"GET", b"/v1/incoming/get"): self._incoming_get,
+            (b"POST", b"/v1/incoming/fail"): self._incoming_fail,
+            (b"POST", b"/v1/incoming/delete"): self._incoming_delete,
         }
 
     # -- life cycle -------------------------------------------------------------
@@ -919,16 +931,26 @@ class ProviderAPI:
             return None
 
         gone.addErrback(disconnected)
+        first_incoming = None
+
+        def look():
+            return (self.storage.changes(user_id, since, limit, CHANGES_BYTES),
+                    self.storage.incoming_count(user_id, self._now()))
+
         while True:
             waiter = self.waiters.register(user_id) if wait else None
             try:
-                changes = await self._thread(self.storage.changes, user_id, since, limit,
-                                             CHANGES_BYTES)
+                changes, incoming = await self._thread(look)
             except BaseException:
                 _drop(waiter)
                 raise
+            if first_incoming is None:
+                first_incoming = incoming
             remaining = deadline - self.reactor.seconds()
-            if changes.docs or remaining <= 0 or waiter is None or request._disconnected:
+            # New mail ends the wait too; mail that was waiting already does not (the
+            # device has it in hand, or has put it off after a failure).
+            if (changes.docs or incoming > first_incoming or remaining <= 0
+                    or waiter is None or request._disconnected):
                 _drop(waiter)
                 break
             timer = self.reactor.callLater(remaining, _fire, waiter)
@@ -939,7 +961,110 @@ class ProviderAPI:
                 current.remove(waiter)
                 if timer.active():
                     timer.cancel()
-        return 200, await self._thread(_encode_changes, changes)
+        return 200, await self._thread(_encode_changes, changes, incoming)
+
+    # -- incoming mail ----------------------------------------------------------
+
+    async def _incoming_key(self, request):
+        device = await self._authenticate(request)
+        body = await self._body(request)
+        key = _decode_b64(body.get("public_key"), "public_key", INCOMING_KEY_BYTES)
+
+        def register():
+            from leapmail.crypto.sealed import Sealer, SealedError
+
+            try:
+                Sealer(key)
+            except (SealedError, ValueError):
+                raise bad(f"public_key: not an incoming-mail public key (ML-KEM-768 + "
+                          f"X25519, {INCOMING_KEY_BYTES} bytes)") from None
+            self.storage.set_incoming_key(device.user_id, key)
+
+        await self._thread(register)
+        return 200, _dumps({})
+
+    async def _incoming_claim(self, request):
+        device = await self._authenticate(request)
+        body = await self._body(request)
+        limit = _field(body, "limit", int, "a count")
+        lease = _field(body, "lease", int, "a number of seconds")
+        if not 1 <= limit <= MAX_CLAIM:
+            raise bad(f"limit: from 1 to {MAX_CLAIM}")
+        if not 0 <= lease <= MAX_LEASE:
+            raise bad(f"lease: from 0 to {MAX_LEASE} seconds")
+        now = self._now()
+        claimed = await self._thread(self.storage.claim_incoming, device.user_id,
+                                     device.device_id, limit, now + lease, now)
+        return 200, _dumps({"incoming": [
+            {"id": r.id, "size": r.size, "received": r.received, "attempts": r.attempts}
+            for r in claimed]})
+
+    async def _incoming_get(self, request):
+        device = await self._authenticate(request)
+        delivery_id = _query(request, "id", None, str, "not UTF-8")
+        delivery_id = _doc_id(delivery_id, "id")
+        record = await self._thread(self.storage.incoming_record, device.user_id,
+                                    device.device_id, delivery_id, self._now())
+        if record is None:
+            raise ApiError(404, "no such delivery, or another device holds its lease")
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Content-Length", b"%d" % record.size)
+        request.setHeader(b"Cache-Control", b"no-store")
+        producer = _Producer()
+        request.registerProducer(producer, True)
+        try:
+            for n in range(record.chunks):
+                data = await self._thread(self.storage.incoming_chunk, device.user_id,
+                                          delivery_id, n)
+                if producer.stopped or request._disconnected:
+                    raise _Streamed()
+                if data is None:
+                    raise LookupError("the delivery was deleted while being read")
+                request.write(data)
+                await producer.drained()
+        except _Streamed:
+            raise
+        except Exception:
+            # The length is promised: a cut connection is the only way left to fail.
+            self.log.failure("GET /v1/incoming/get failed while streaming")
+            if not request._disconnected:
+                request.unregisterProducer()
+                request.channel.transport.abortConnection()
+            raise _Streamed() from None
+        request.unregisterProducer()
+        request.finish()
+        raise _Streamed()
+
+    async def _incoming_fail(self, request):
+        device = await self._authenticate(request)
+        body = await self._body(request)
+        delivery_id = _doc_id(body.get("id"), "id")
+        retry_after = _field(body, "retry_after", int, "a number of seconds")
+        if not 0 <= retry_after <= MAX_RETRY_AFTER:
+            raise bad(f"retry_after: from 0 to {MAX_RETRY_AFTER} seconds")
+        error = body.get("error", "")
+        if not isinstance(error, str):
+            raise bad("error: a short text is required")
+        error = "".join(c if c.isprintable() else " " for c in error[:MAX_ERROR_TEXT])
+        found = await self._thread(self.storage.fail_incoming, device.user_id,
+                                   device.device_id, delivery_id, self._now() + retry_after,
+                                   error)
+        if not found:
+            raise ApiError(404, "no such delivery leased to this device")
+        return 200, _dumps({})
+
+    async def _incoming_delete(self, request):
+        device = await self._authenticate(request)
+        body = await self._body(request)
+        ids = body.get("ids")
+        if not isinstance(ids, list):
+            raise bad("ids: a list of delivery ids is required")
+        if len(ids) > MAX_DOCS:
+            raise ApiError(413, f"ids: more than {MAX_DOCS} ids in one request")
+        ids = [_doc_id(v, f"ids[{i}]") for i, v in enumerate(ids)]
+        deleted = await self._thread(self.storage.delete_incoming, device.user_id, ids)
+        return 200, _dumps({"deleted": deleted})
 
 
 class _Streamed(Exception):
@@ -962,9 +1087,9 @@ def _doc_json(doc):
     return {"id": doc.id, "rev": doc.rev, "seq": doc.seq, "data": _b64(doc.data)}
 
 
-def _encode_changes(changes):
+def _encode_changes(changes, incoming=0):
     return _dumps({"changes": [_doc_json(d) for d in changes.docs], "seq": changes.seq,
-                   "more": changes.more})
+                   "more": changes.more, "incoming": incoming})
 
 
 def _text(value):

@@ -2,6 +2,7 @@
 
     twistd -n leapmail-provider --home DIR --port P [--listen ADDR] [--database URL]
                                 [--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]
+                                [--mx-port M [--max-message-size BYTES] [--hostname NAME]]
                                 [--submission-port S [--smarthost HOST[:PORT]]]
 
 Serves the sync API (:mod:`leapmail.provider.api`) over HTTPS on ``ADDR:P``
@@ -13,6 +14,9 @@ self-signed for ``localhost`` and ``127.0.0.1`` on first start, unless
 Storage: SQLite in ``DIR/provider.db`` by default, or PostgreSQL
 (``--database postgresql://USER:PASSWORD@HOST/DB``), which any number of front ends
 can share; the URL's password never reaches the log.
+
+With ``--mx-port`` it also runs the MX (:mod:`leapmail.provider.mx`, docs/incoming.rst)
+on ``ADDR:M`` and logs ``MX listening on HOST:PORT`` before the HTTPS line.
 
 With ``--submission-port`` it also serves authenticated SMTP submission
 (:mod:`leapmail.provider.submission`) with the same certificate for STARTTLS.
@@ -68,6 +72,12 @@ class Options(usage.Options):
         ["tls-cert", None, None, "certificate (PEM) to serve instead of DIR/tls-cert.pem"],
         ["tls-key", None, None, "its private key (PEM)"],
         ["token-lifetime", None, "2592000", "seconds a device token is good for (30 days)"],
+        ["mx-port", None, None, "SMTP port of the MX for incoming mail (0: any free port; "
+         "default: no MX)"],
+        ["max-message-size", None, str(50 * 1024 * 1024), "largest message the MX and submission accept, "
+         "in bytes"],
+        ["hostname", None, None, "the MX's name in greetings and Received: headers "
+         "(default: this machine's FQDN)"],
         ["submission-port", None, None,
          "serve authenticated SMTP submission on this port (0: any free port; the log "
          "says \"submission listening on HOST:PORT\"); not served unless given"],
@@ -82,6 +92,17 @@ class Options(usage.Options):
         self["port"] = parse_port("port", self["port"])
         self["listen"] = parse_address(self["listen"])
         self["token-lifetime"] = parse_lifetime(self["token-lifetime"])
+        if self["mx-port"] is not None:
+            self["mx-port"] = parse_port("mx-port", self["mx-port"])
+        if not re.fullmatch(r"[0-9]{1,12}", self["max-message-size"]):
+            raise usage.UsageError("--max-message-size must be a number of bytes")
+        self["max-message-size"] = int(self["max-message-size"])
+        if self["hostname"] is None:
+            import socket
+
+            self["hostname"] = socket.getfqdn()
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self["hostname"]):
+            raise usage.UsageError("--hostname must be a DNS name")
         if self["submission-port"] is not None:
             self["submission-port"] = parse_port("submission-port", self["submission-port"])
         if self["smarthost"] is not None:
@@ -131,7 +152,8 @@ class ProviderService(service.Service):
     log = Logger()
 
     def __init__(self, storage, secret, interface, port, tls, token_lifetime,
-                 reactor=None, threads=THREADS):
+                 reactor=None, threads=THREADS, mx_port=None, max_message_size=50 * 1024 * 1024,
+                 hostname="localhost"):
         self.storage = storage
         self.secret = secret
         self.interface = interface
@@ -143,6 +165,9 @@ class ProviderService(service.Service):
         self.threadpool = None
         self.api = None
         self.port = None
+        self.mx_port, self.max_message_size, self.hostname = mx_port, max_message_size, hostname
+        self.intake = None
+        self.mx = None
 
     def startService(self):
         reactor = self._reactor
@@ -156,6 +181,13 @@ class ProviderService(service.Service):
         self.api = ProviderAPI(self.storage, self.threadpool, self.secret,
                                token_lifetime=self.token_lifetime, reactor=reactor)
         self.api.start()
+        from leapmail.provider.intake import Intake
+
+        self.intake = Intake(self.storage, self.threadpool, self.max_message_size,
+                             self.hostname, reactor, wake=self.api.waiters.wake)
+        if self.mx_port is not None:
+            self.mx = self._listen(reactor, "MX", self.mx_port,
+                                   lambda: self._mx_factory(), tls=False)
         where = host_port(self.interface, self.requested_port)
         try:
             self.port = reactor.listenSSL(self.requested_port, self.api.site(), self.tls,
@@ -170,15 +202,44 @@ class ProviderService(service.Service):
         self.log.info("Provider listening on {address}",
                       address=host_port(bound.host, bound.port))
 
+    def _mx_factory(self):
+        from leapmail.provider.mx import MXFactory
+
+        return MXFactory(self.intake, tls=self.tls)
+
+    def _listen(self, reactor, name, port, factory, tls):
+        """Listen on ``port`` of the interface with ``factory()`` and log
+        ``NAME listening on HOST:PORT`` (the port bound, which tests read)."""
+        try:
+            if tls:
+                listening = reactor.listenSSL(port, factory(), self.tls, interface=self.interface)
+            else:
+                listening = reactor.listenTCP(port, factory(), interface=self.interface)
+        except CannotListenError as e:
+            self._shutdown()
+            message = f"cannot listen on {host_port(self.interface, port)}: {listen_failure(e)}"
+            self.log.error("{message}", message=message)
+            raise StartError(message) from None
+        bound = listening.getHost()
+        self.log.info("{name} listening on {address}", name=name,
+                      address=host_port(bound.host, bound.port))
+        return listening
+
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
+        if self.mx is not None:
+            mx, self.mx = self.mx, None
+            yield mx.stopListening()
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
         self._shutdown()
 
     def _shutdown(self):
+        if self.mx is not None:
+            mx, self.mx = self.mx, None
+            mx.stopListening()
         if self.api is not None:
             self.api.stop()
         if self.threadpool is not None:
@@ -203,7 +264,9 @@ def makeService(options):
     Logger().info("provider storage: {where}", where=storage.describe())
     report_start_errors("leapmail-provider")
     provider = ProviderService(storage, secret, options["listen"], options["port"], tls,
-                               options["token-lifetime"])
+                               options["token-lifetime"], mx_port=options["mx-port"],
+                               max_message_size=options["max-message-size"],
+                               hostname=options["hostname"])
     provider.home = home
     if options["submission-port"] is None:
         return provider
@@ -212,30 +275,13 @@ def makeService(options):
 
 def _with_submission(provider, options, tls):
     """The provider's services under one parent, submission started after (and
-    stopped before) the storage and threads it uses."""
-    import socket
-
-    from leapmail.provider.submission import DEFAULT_MAX_SIZE, SubmissionService
+    stopped before) the storage, threads and intake it uses."""
+    from leapmail.provider.submission import SubmissionService
 
     top = service.MultiService()
     provider.setServiceParent(top)
-    max_size = options.get("max-message-size") or DEFAULT_MAX_SIZE
     SubmissionService(provider, options["listen"], options["submission-port"], tls,
-                      socket.getfqdn() or "localhost", smarthost=options["smarthost"],
-                      max_size=int(max_size), intake_factory=_intake_factory(max_size)
-                      ).setServiceParent(top)
+                      options["hostname"], smarthost=options["smarthost"],
+                      max_size=options["max-message-size"],
+                      intake_factory=lambda provider: provider.intake).setServiceParent(top)
     return top
-
-
-def _intake_factory(max_size):
-    """The MX's intake for local recipients, where this release has one."""
-    try:
-        from leapmail.provider.intake import Intake
-    except ImportError:
-        return None
-    import socket
-
-    # wake: a delivery reaches the recipient's long poll at once, as a push does.
-    return lambda provider: Intake(provider.storage, provider.threadpool, int(max_size),
-                                   socket.getfqdn() or "localhost",
-                                   wake=provider.api.waiters.wake)

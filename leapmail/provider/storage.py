@@ -252,6 +252,9 @@ class IProviderStorage(Interface):
         """``(user_id, public_key)`` of the claimed account ``address`` if it has
         registered an incoming key, else ``None``."""
 
+    def has_domain(domain):
+        """Whether any account's address is in ``domain`` (lower case)."""
+
     def deliver(deliveries, now):
         """Store sealed deliveries, all or nothing, and announce them to each account's
         change feed.  ``deliveries``: ``[(user_id, delivery_id, chunks)]``, ``chunks``
@@ -692,6 +695,12 @@ class SQLStorage:
                         "ON k.user_id = u.id WHERE u.address = ? AND u.claimed_at IS NOT NULL",
                         (address,))
         return None if row is None else (row[0], bytes(row[1]))
+
+    def has_domain(self, domain):
+        pattern = "%@" + domain.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self._transaction() as c:
+            return c.one("SELECT 1 FROM users WHERE address LIKE ? ESCAPE '\\' LIMIT 1",
+                         (pattern,)) is not None
 
     def deliver(self, deliveries, now):
         with self._transaction(write=True) as c:
