@@ -37,6 +37,13 @@ def message(i):
             + body)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=1000)
@@ -70,6 +77,8 @@ def main():
         daemon.stop()
         provider.start()
         daemon.start()
+        cpus = {name: cpu_seconds(p.pid) for name, p in
+                (("daemon", daemon), ("provider", provider), ("smarthost", sink))}
         start = time.perf_counter()
         while len(os.listdir(sink.directory)) < n:
             if time.perf_counter() - start > 600:
@@ -78,6 +87,9 @@ def main():
         relay = time.perf_counter() - start
         print(f"relay:  {n} messages in {relay:.2f} s: {n / relay:.0f} msgs/s "
               f"(outbox → submission → smarthost)")
+        print("        CPU seconds meanwhile: " + ", ".join(
+            f"{name} {cpu_seconds(p.pid) - cpus[name]:.2f}" for name, p in
+            (("daemon", daemon), ("provider", provider), ("smarthost", sink))))
     finally:
         if daemon is not None:
             daemon.stop()

@@ -101,6 +101,25 @@ def _delete(txn, entry_id):
     txn.execute("DELETE FROM outbox WHERE id = ?", (entry_id,))
 
 
+def _record(txn, entry_id, delivered, failed, error, due):
+    row = txn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (entry_id,)).fetchone()
+    if row is None:
+        return None
+    entry = _entry(txn, row)
+    settled = set(delivered) | {f[0] for f in failed}
+    recipients = [r for r in entry.recipients if r not in settled]
+    failures = [list(f) for f in entry.failed] + [list(f) for f in failed]
+    if not recipients and not failures:
+        _delete(txn, entry_id)
+        return None
+    txn.execute(
+        "UPDATE outbox SET recipients = ?, failed = ?, attempts = attempts + 1, "
+        "last_error = ?, due = ? WHERE id = ?",
+        (json.dumps(recipients), json.dumps(failures), error, due, entry_id))
+    return _entry(txn, txn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
+                                   (entry_id,)).fetchone())
+
+
 def _sweep(txn):
     for (entry_id,) in txn.execute("SELECT id FROM outbox WHERE complete = 0").fetchall():
         _delete(txn, entry_id)
@@ -194,6 +213,11 @@ class Outbox:
         """Drop entries whose message never finished coming in (at start)."""
         return self.store.transact(_sweep)
 
+    def retry_all_now(self, now):
+        """Make every entry due now (a restart is a new chance for all of them)."""
+        return self.store.transact(lambda txn: txn.execute(
+            "UPDATE outbox SET due = ? WHERE complete = 1 AND due > ?", (now, now)))
+
     def writer(self):
         return OutboxWriter(self.store)
 
@@ -232,33 +256,14 @@ class Outbox:
         """The whole message (for a Sent copy or a bounce's attachment)."""
         return b"".join([await self.chunk(entry.id, seq) for seq in range(entry.chunks)])
 
-    def record_attempt(self, entry_id, delivered, failed, error, due, remove_if_done=False):
-        """After an attempt: ``delivered`` recipients leave the entry, ``failed``
-        ``(address, code, reply)`` ones move to its failures; the rest wait for
-        ``due``.  Fires with the entry as it now is.
-
-        ``remove_if_done``: an entry left with no recipient and no failure is removed
-        in the same transaction (fires with ``None``): the common case costs one
-        commit, not two.
-        """
+    def record_attempts(self, outcomes):
+        """After attempts, in one transaction: for each ``(entry_id, delivered, failed,
+        error, due)``, the ``delivered`` recipients leave the entry, the ``failed``
+        ``(address, code, reply)`` ones move to its failures, the rest wait for
+        ``due``.  Fires with the entries as they now are, in order; an entry left with
+        no recipient and no failure is removed in the same transaction (``None``)."""
         def job(txn):
-            row = txn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
-                              (entry_id,)).fetchone()
-            if row is None:
-                return None
-            entry = _entry(txn, row)
-            settled = set(delivered) | {f[0] for f in failed}
-            recipients = [r for r in entry.recipients if r not in settled]
-            failures = [list(f) for f in entry.failed] + [list(f) for f in failed]
-            if remove_if_done and not recipients and not failures:
-                _delete(txn, entry_id)
-                return None
-            txn.execute(
-                "UPDATE outbox SET recipients = ?, failed = ?, attempts = attempts + 1, "
-                "last_error = ?, due = ? WHERE id = ?",
-                (json.dumps(recipients), json.dumps(failures), error, due, entry_id))
-            return _entry(txn, txn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
-                                           (entry_id,)).fetchone())
+            return [_record(txn, *outcome) for outcome in outcomes]
 
         return self.store.transact(job)
 

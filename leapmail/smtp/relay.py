@@ -65,11 +65,11 @@ class Relay:
         self._running = None
         self._again = False
         self._stopped = False
-        self._force = True
         self.last_error = None
 
     def start(self):
         d = self.outbox.sweep()
+        d.addCallback(lambda _: self.outbox.retry_all_now(time.time()))
         d.addCallback(lambda _: self.kick())
         d.addErrback(lambda f: self.log.failure("outbox sweep failed", f))
 
@@ -118,9 +118,7 @@ class Relay:
 
     async def _run(self):
         while not self._stopped:
-            now = time.time()
-            force, self._force = self._force, False
-            entries = await self.outbox.due(float("inf") if force else now, BATCH)
+            entries = await self.outbox.due(time.time(), BATCH)
             if not entries:
                 break
             await self.relay_batch(entries)
@@ -144,33 +142,43 @@ class Relay:
             require_tls=True, username=self.address, password=token)
 
     async def relay_batch(self, entries):
+        outcomes = []
+        try:
+            await self._send_batch(entries, outcomes)
+        finally:
+            # One commit for the batch's outcomes: a crash before it sends the batch
+            # again (at least once, never lost), and the common case costs one fsync
+            # per batch, not one per message.
+            await self._settle(outcomes)
+
+    async def _send_batch(self, entries, outcomes):
         try:
             conn = await self._connect()
         except Exception as e:
             error = _describe(e)
             for entry in entries:
                 if getattr(e, "permanent", False) and e.code != 535:
-                    await self._settle(entry, [], [(r, e.code, e.text) for r in entry.recipients],
-                                       error)
+                    outcomes.append((entry, [], [(r, e.code, e.text)
+                                                 for r in entry.recipients], error))
                 else:
-                    await self._settle(entry, [], [], error)
+                    outcomes.append((entry, [], [], error))
             self._failed(error)
             return
         try:
             broken = None
             for entry in entries:
                 if broken is not None:
-                    await self._settle(entry, [], [], broken)
+                    outcomes.append((entry, [], [], broken))
                     continue
                 try:
                     accepted, refused = await conn.send(entry.sender, list(entry.recipients),
                                                         self._pieces(entry))
                 except SMTPClientError as e:
                     if e.permanent:
-                        await self._settle(entry, [], [(r, e.code, e.text)
-                                                       for r in entry.recipients], _describe(e))
+                        outcomes.append((entry, [], [(r, e.code, e.text)
+                                                     for r in entry.recipients], _describe(e)))
                     else:
-                        await self._settle(entry, [], [], _describe(e))
+                        outcomes.append((entry, [], [], _describe(e)))
                         if e.code == 0:
                             broken = _describe(e)
                             continue
@@ -182,7 +190,7 @@ class Relay:
                 final = [r for r in refused if 500 <= r[1] < 600]
                 temporary = [r for r in refused if not 500 <= r[1] < 600]
                 error = "; ".join(f"{r}: {c} {t}" for r, c, t in temporary) or None
-                await self._settle(entry, accepted, final, error)
+                outcomes.append((entry, accepted, final, error))
             if broken:
                 self._failed(broken)
             else:
@@ -194,30 +202,33 @@ class Relay:
         for seq in range(entry.chunks):
             yield await self.outbox.chunk(entry.id, seq)
 
-    async def _settle(self, entry, delivered, failed, error):
-        due = time.time() + retry_delay(entry.attempts)
-        if delivered:
-            self.log.debug("relayed {id} to {count} recipient(s)", id=entry.id,
-                           count=len(delivered))
-            if self.save_sent:
+    async def _settle(self, outcomes):
+        if not outcomes:
+            return
+        now = time.time()
+        for entry, delivered, _, _ in outcomes:
+            if delivered and self.save_sent:
                 # Before the outcome is recorded: a crash in between repeats the
                 # append, which its source makes a no-op, rather than losing it.
                 raw = await self.outbox.read_all(entry)
                 await self.account.append(SENT, raw, flags=("\\Seen",),
                                           source=b"sent\0" + entry.id.encode())
-        updated = await self.outbox.record_attempt(entry.id, delivered, failed, error, due,
-                                                   remove_if_done=True)
-        if updated is None or updated.recipients:
-            return
-        if updated.failed:
-            first = await self.outbox.chunk(entry.id, 0) if updated.chunks else b""
-            report = delivery_status_notification(
-                updated.sender, updated.failed, header_of(first or b""), self.host,
-                arrival=updated.accepted)
-            await self.account.append(INBOX, report, source=b"bounce\0" + entry.id.encode())
-            self.log.warn("{id} bounced: {count} recipient(s) refused", id=entry.id,
-                          count=len(updated.failed))
-        await self.outbox.remove(entry.id)
+        updated = await self.outbox.record_attempts(
+            [(entry.id, delivered, failed, error, now + retry_delay(entry.attempts))
+             for entry, delivered, failed, error in outcomes])
+        for entry in updated:
+            if entry is None or entry.recipients:
+                continue
+            if entry.failed:
+                first = await self.outbox.chunk(entry.id, 0) if entry.chunks else b""
+                report = delivery_status_notification(
+                    entry.sender, entry.failed, header_of(first or b""), self.host,
+                    arrival=entry.accepted)
+                await self.account.append(INBOX, report,
+                                          source=b"bounce\0" + entry.id.encode())
+                self.log.warn("{id} bounced: {count} recipient(s) refused", id=entry.id,
+                              count=len(entry.failed))
+            await self.outbox.remove(entry.id)
 
     def _failed(self, error):
         if error != self.last_error:
