@@ -95,6 +95,13 @@ def _status(args):
     print(f"pending:   {status.get('pending', '?')} local changes to push")
     if status.get("error"):
         print(f"error:     {status['error']} (since {status.get('error_since')})")
+    incoming = status.get("incoming")
+    if isinstance(incoming, dict):
+        print(f"incoming:  {incoming.get('imported', 0)} imported, "
+              f"{incoming.get('failing', 0)} failing to open (retried with backoff), "
+              f"{incoming.get('notices', 0)} replaced by a notice in INBOX")
+        if incoming.get("last_failure"):
+            print(f"           last failure: {incoming['last_failure']}")
 
 
 def _outbox_status(home):

@@ -24,6 +24,7 @@ import socket
 from hashlib import sha256
 
 from twisted.internet import threads
+from twisted.logger import Logger
 
 from leapmail.crypto import ScryptParams, SecretsBundle, seal, unseal
 from leapmail.crypto.kdf import UnsupportedKDF, derive_login_key
@@ -37,6 +38,18 @@ CA_NAME = "provider-ca.pem"
 
 class EnrollmentError(LeapmailError):
     pass
+
+
+def add_incoming_keypair(bundle):
+    """Give a new account the key pair its incoming mail is sealed to (private half
+    in the bundle, under ``keypairs["incoming"]``); returns it."""
+    from base64 import b64encode
+
+    from leapmail.crypto.sealed import IncomingKeyPair
+
+    keypair = IncomingKeyPair.generate()
+    bundle.keypairs["incoming"] = b64encode(keypair.private_bytes()).decode("ascii")
+    return keypair
 
 
 def device_name():
@@ -63,6 +76,7 @@ async def enroll(home, passphrase, address, url, ca_pem, code, reactor=None):
     client = ProviderClient(url, ca_pem, reactor=reactor)
     try:
         bundle = SecretsBundle.generate()
+        keypair = add_incoming_keypair(bundle)
         sealed = await threads.deferToThread(seal, bundle, passphrase)
         params = ScryptParams.fresh()
         login_key = await threads.deferToThread(derive_login_key, passphrase, params)
@@ -72,6 +86,12 @@ async def enroll(home, passphrase, address, url, ca_pem, code, reactor=None):
                 address, code, params.to_dict(), sha256(login_key).digest(), sealed, name)
         except ProviderError as e:
             raise EnrollmentError(f"the provider did not accept the enrollment: {e}") from None
+        client.token = token
+        try:
+            await client.put_incoming_key(keypair.public_bytes())
+        except ProviderError as e:
+            # Enrolled all the same: the daemon registers the key when it starts.
+            Logger().warn("could not register the incoming-mail key yet: {error}", error=e)
     finally:
         await client.close()
     _create_local(home, address, sealed, bundle, url, ca_pem, token, device_id, name,

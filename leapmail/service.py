@@ -59,6 +59,10 @@ class Options(usage.Options):
          "(default: config.json's \"submission\", else the provider's host, port 587)"],
         ["listen", None, DEFAULT_LISTEN,
          "IP address to listen on; anything but loopback exposes the account to the network"],
+        ["incoming-retry", None, "60", "seconds before the first retry of incoming mail "
+         "that would not open (doubled each time)"],
+        ["incoming-attempts", None, "5", "attempts before a notice replaces such mail"],
+        ["incoming-lease", None, "300", "seconds a claim on incoming mail holds"],
     ]
 
     optFlags = [
@@ -72,6 +76,10 @@ class Options(usage.Options):
         for name in ("imap-port", "smtp-port"):
             self[name] = parse_port(name, self[name])
         self["listen"] = parse_address(self["listen"])
+        for name, low in (("incoming-retry", 0), ("incoming-attempts", 1), ("incoming-lease", 0)):
+            if not str(self[name]).isdigit() or not low <= int(self[name]) <= 86400:
+                raise usage.UsageError(f"--{name} must be a whole number from {low} to 86400")
+            self[name] = int(self[name])
 
 
 class DaemonService(service.MultiService):
@@ -291,6 +299,26 @@ def _login_key(home, passphrase):
     return derive_login_key(passphrase, params)
 
 
+def _incoming_service(bundle, store_service, sync, username, options, top):
+    """Incoming mail (docs/incoming.rst), if the account has its key pair."""
+    from base64 import b64decode
+
+    from leapmail.crypto.sealed import IncomingKeyPair
+    from leapmail.incoming.service import IncomingService
+
+    private = bundle.keypairs.get("incoming")
+    if private is None:
+        Logger().warn("this account has no incoming-mail key (it was set up before "
+                      "leapmail had one): mail sent to {address} stays at the provider",
+                      address=username)
+        return
+    keypair = IncomingKeyPair.from_private_bytes(b64decode(private))
+    IncomingService(store_service, sync, keypair, username,
+                    lease=options.get("incoming-lease", 300),
+                    retry_first=options.get("incoming-retry", 60),
+                    attempts=options.get("incoming-attempts", 5)).setServiceParent(top)
+
+
 def makeService(options):
     home = Home(options["home"])
     try:
@@ -326,6 +354,7 @@ def makeService(options):
                            provider[1], home.path, login_key=login_key,
                            on_catching_up=store_service.bulk_import)
         sync.setServiceParent(top)
+        _incoming_service(bundle, store_service, sync, username, options, top)
     IMAPService(
         store_service, options["listen"], options["imap-port"], username,
         bundle.client_password, context_factory=tls,

@@ -481,3 +481,34 @@ def test_concurrent_claims_split_the_deliveries(storage):
         t.join()
     everything = [i for got in results.values() for i in got]
     assert sorted(everything) == [f"d{i:03}" for i in range(60)]
+
+
+def test_has_domain_matches_whole_domains_only(storage):
+    make_user(storage)
+    storage.create_user("x_y@under_score.org", h("c"), NOW + WEEK, NOW)
+    assert storage.has_domain("example.org")
+    assert not storage.has_domain("ample.org")
+    assert not storage.has_domain("example.or")
+    assert storage.has_domain("under_score.org")
+    assert not storage.has_domain("underXscore.org")
+    assert not storage.has_domain("%")
+
+
+def test_a_schema_1_database_gets_the_incoming_tables(tmp_path):
+    import sqlite3
+
+    s = open_storage(str(tmp_path))
+    uid = make_user(s)
+    s.close()
+    conn = sqlite3.connect(str(tmp_path / "provider.db"))
+    for table in ("incoming_keys", "incoming", "incoming_chunks"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    s = open_storage(str(tmp_path))
+    try:
+        s.set_incoming_key(uid, b"k" * 1216)
+        assert s.incoming_key("alice@example.org") == (uid, b"k" * 1216)
+    finally:
+        s.close()

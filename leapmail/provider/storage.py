@@ -218,10 +218,6 @@ class IProviderStorage(Interface):
     def address_of(user_id):
         """The account's address, or ``None`` (submission: who a token logs in as)."""
 
-    def hosts_domain(domain):
-        """Whether any account has an address in ``domain`` (lower case): submission
-        refuses unknown users of such a domain rather than relaying them away."""
-
     def push(user_id, docs):
         """Write ``docs``, a sequence of ``(id, base_rev, data)`` with distinct ids, all
         or nothing, each at ``base_rev + 1``.
@@ -561,12 +557,6 @@ class SQLStorage:
         with self._transaction() as c:
             row = c.one("SELECT address FROM users WHERE id = ?", (user_id,))
         return None if row is None else row[0]
-
-    def hosts_domain(self, domain):
-        with self._transaction() as c:
-            row = c.one("SELECT 1 FROM users WHERE address LIKE ? LIMIT 1",
-                        ("%@" + domain.lower(),))
-        return row is not None
 
     def device_by_token_hash(self, token_hash):
         token_hash = bytes(token_hash)

@@ -90,7 +90,7 @@ class SubmissionBackend(Backend):
         if await self._is_local(address):
             return
         domain = address.rpartition("@")[2].lower()
-        if await self._run(self.storage.hosts_domain, domain):
+        if await self._run(self.storage.has_domain, domain):
             if await self._run(self.storage.find_account, address.lower()) is not None:
                 # An account not set up to receive yet: it will be, so not for good.
                 raise Reply(450, "4.2.1", f"<{address}> cannot receive mail yet; try "

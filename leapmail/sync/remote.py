@@ -102,6 +102,24 @@ class _Collect(protocol.Protocol):
                 f"the provider's answer was cut off ({reason.getErrorMessage()})"))
 
 
+class _Save(_Collect):
+    """Like :class:`_Collect`, into a file instead of memory."""
+
+    def __init__(self, finished, limit, sink):
+        super().__init__(finished, limit)
+        self.sink = sink
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            self.transport.stopProducing()
+            if not self.finished.called:
+                self.finished.errback(ProviderError(
+                    f"the provider's answer is larger than {self.limit} bytes"))
+            return
+        self.sink.write(data)
+
+
 class ProviderClient:
     """Calls on one provider; ``token`` is set once the device has one."""
 
@@ -260,9 +278,81 @@ class ProviderClient:
                                    convert=_docs)
 
     async def changes(self, since, limit=1000, wait=0):
+        """``(changes, seq, more)``; the count of incoming mail waiting goes to
+        ``on_incoming(count)``, if set (the daemon's incoming service)."""
         query = urlencode({"since": since, "limit": limit, "wait": wait})
-        return await self._request(b"GET", "/v1/changes?" + query,
-                                   timeout=self._timeout + wait, convert=_changes)
+        changes, seq, more, incoming = await self._request(
+            b"GET", "/v1/changes?" + query, timeout=self._timeout + wait, convert=_changes)
+        if self.on_incoming is not None and incoming:
+            self.on_incoming(incoming)
+        return changes, seq, more
+
+    # -- incoming mail (docs/incoming.rst) ---------------------------------------------
+
+    on_incoming = None
+
+    async def put_incoming_key(self, public_key):
+        await self._request(b"PUT", "/v1/incoming-key",
+                            {"public_key": b64encode(public_key).decode("ascii")})
+
+    async def claim_incoming(self, limit, lease):
+        """``[{"id", "size", "received", "attempts"}]`` leased to this device."""
+        value = await self._request(b"POST", "/v1/incoming/claim",
+                                    {"limit": limit, "lease": lease})
+        items = _field(value, "incoming", list)
+        for item in items:
+            if not (isinstance(item, dict) and isinstance(item.get("id"), str)
+                    and all(isinstance(item.get(k), int) for k in
+                            ("size", "received", "attempts"))):
+                raise ProviderError("the provider's claim answer is malformed")
+        return items
+
+    async def fail_incoming(self, delivery_id, retry_after, error):
+        await self._request(b"POST", "/v1/incoming/fail", {
+            "id": delivery_id, "retry_after": int(retry_after), "error": error[:200]})
+
+    async def delete_incoming(self, ids):
+        await self._request(b"POST", "/v1/incoming/delete", {"ids": list(ids)})
+
+    async def get_incoming(self, delivery_id, sink, limit):
+        """Write a delivery's sealed bytes to ``sink`` (a file) as they arrive, at most
+        ``limit`` of them."""
+        headers = {b"User-Agent": [b"leapmail"],
+                   b"Authorization": [b"Bearer " + (self.token or "").encode("ascii")]}
+        path = "/v1/incoming/get?" + urlencode({"id": delivery_id})
+        current = self._agent.request(b"GET", (self.url + path).encode("ascii"),
+                                      Headers(headers), None)
+        timer = self._reactor.callLater(self._timeout, current.cancel)
+        self._inflight.add(current)
+        try:
+            response = await current
+            self._inflight.discard(current)
+            if response.code != 200:
+                collect = _Collect(None, 64 * 1024)
+                current = collect.finished = defer.Deferred(
+                    lambda _: collect.transport.stopProducing())
+                self._inflight.add(current)
+                response.deliverBody(collect)
+                value = _parse(await current, (b"GET", path, response.code))
+                message = value.get("message") or f"HTTP {response.code}"
+                cls = Unauthorized if response.code == 401 else ProviderError
+                raise cls(f"the provider refused: {message} (HTTP {response.code})",
+                          response.code, value.get("error"))
+            saver = _Save(None, limit, sink)
+            current = saver.finished = defer.Deferred(
+                lambda _: saver.transport.stopProducing())
+            self._inflight.add(current)
+            response.deliverBody(saver)
+            await current
+        except (ProviderError, defer.CancelledError):
+            raise
+        except Exception as e:
+            raise Unreachable(f"cannot fetch incoming mail from {self.url}: {_reason(e)}"
+                              ) from None
+        finally:
+            self._inflight.discard(current)
+            if timer.active():
+                timer.cancel()
 
 
 def _encode(body):
@@ -289,7 +379,9 @@ def _docs(value):
 
 def _changes(value):
     changes = [_change(c) for c in _field(value, "changes", list)]
-    return changes, _field(value, "seq", int), bool(value.get("more"))
+    incoming = value.get("incoming", 0)
+    return (changes, _field(value, "seq", int), bool(value.get("more")),
+            incoming if isinstance(incoming, int) else 0)
 
 
 def _reason(exc):

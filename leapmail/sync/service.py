@@ -82,6 +82,7 @@ class SyncService(service.Service):
         self._status_timer = None
         self._sleepers = set()
         self._bulk_import = False
+        self._token_waiters = None
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -189,6 +190,22 @@ class SyncService(service.Service):
         elif self._push_again:
             self.push_soon()
 
+    async def ensure_token(self):
+        """Make sure the client has a device token (logging in again if need be);
+        other services that call the provider through ``client`` use this too."""
+        await self._ensure_token()
+
+    async def forget_token(self):
+        """The provider refused the token: the next call logs in again."""
+        if self.client.token is not None:
+            self.client.token = None
+            await self.replicator.store.transact(lambda txn: set_state(txn, "token", None))
+
+    def set_incoming_status(self, status):
+        """The incoming-mail service's counts, shown by ``leapmail status``."""
+        self._status["incoming"] = status
+        self._write_status()
+
     async def device_token(self, refused=None):
         """The device token, for the relay's AUTH at the provider's submission port.
 
@@ -196,16 +213,33 @@ class SyncService(service.Service):
         whoever asks: the pull loop may have done it already).
         """
         if refused is not None and self.client.token == refused:
-            self.client.token = None
-            await self.replicator.store.transact(lambda txn: set_state(txn, "token", None))
-        await self._ensure_token()
+            await self.forget_token()
+        await self.ensure_token()
         return self.client.token
 
     async def _ensure_token(self):
-        if self.client.token is None:
+        if self.client.token is not None:
+            return
+        # The pull loop, the pusher and the incoming service may all find no token at
+        # once: one of them logs in, the others wait for it (one device, not three).
+        if self._token_waiters is not None:
+            d = defer.Deferred()
+            self._token_waiters.append(d)
+            await d
+            return
+        self._token_waiters = []
+        try:
             self.client.token = await self.replicator.store.read(get_state, "token")
-        if self.client.token is None:
-            await self._login()
+            if self.client.token is None:
+                await self._login()
+        except BaseException as e:
+            waiters, self._token_waiters = self._token_waiters, None
+            for d in waiters:
+                d.errback(e)
+            raise
+        waiters, self._token_waiters = self._token_waiters, None
+        for d in waiters:
+            d.callback(None)
 
     async def _login(self):
         store = self.replicator.store
@@ -221,10 +255,9 @@ class SyncService(service.Service):
         self.log.info("logged in to the provider again (new device token)")
 
     async def _failed(self, what, error, backoff):
-        if isinstance(error, Unauthorized) and self.client.token is not None:
+        if isinstance(error, Unauthorized):
             # An expired or revoked token: forget it; the next round logs in again.
-            self.client.token = None
-            await self.replicator.store.transact(lambda txn: set_state(txn, "token", None))
+            await self.forget_token()
         self._record_error(what, error)
         await self._sleep(backoff.next())
 
