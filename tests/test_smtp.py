@@ -569,3 +569,25 @@ def test_a_40_mb_message_is_queued_without_being_held_in_memory(alice, provider)
     # by a few pieces and chunks, not by the message.
     assert peak - before < 16 * 1024 * 1024, (before, peak)
     wait_until(lambda: queued(alice) == 1, "the status to show the message queued")
+
+
+def test_alice_sends_with_msmtp_and_bob_finds_it_in_his_inbox(provider, tmp_path):
+    bob_code = provider.adduser("bob@example.org")
+    alice = alice_daemon(provider, str(tmp_path / "alice")).start()
+    bob = LeapmailDaemon(str(tmp_path / "bob"), "bob's passphrase", "bob@example.org",
+                         init_args=["--provider", provider.url, "--provider-ca",
+                                    provider.ca_path, "--enroll", bob_code]).start()
+    try:
+        message = MESSAGE.replace(b"bob@elsewhere.test", b"bob@example.org")
+        result = msmtp(alice, tmp_path, ["bob@example.org"], message)
+        assert result.returncode == 0, result.stderr
+        [got] = wait_until(lambda: mailbox(bob, "INBOX"), "the message in Bob's INBOX")
+        # Exactly what msmtp sent, after the provider's one trace field.
+        assert got.endswith(message)
+        assert TRACE.match(got[:-len(message)]), got[:-len(message)]
+        wait_until(lambda: queued(alice) == 0, "Alice's empty outbox")
+        assert mailbox(bob, "INBOX") == [got]
+        assert mailbox(alice, "INBOX") == []
+    finally:
+        alice.stop()
+        bob.stop()
