@@ -12,9 +12,11 @@ envelope sender must be the authenticated address.  Recipients:
   lost); a smarthost's refusal is passed back, 4xx as 451 and 5xx as 554, with its
   text.  Without a smarthost such recipients are refused (550 5.7.1).
 
-The message is spooled (memory, then an unlinked temporary file in the provider's
-home: the provider sees submitted mail in the clear anyway, as any MTA does) so that
-it can go to the smarthost first and then to the intake.  The smarthost is told
+Local recipients' copies are sealed by the intake as the message arrives: no plaintext
+of theirs is ever written at the provider.  A message with recipients elsewhere is
+also spooled (memory, then an unlinked temporary file under the provider's home: it
+leaves in the clear anyway, as with any MTA) so that it can go to the smarthost before
+the intake commits.  The smarthost is told
 nothing unless it accepts every recipient meant for it; a failure of the intake after
 the smarthost took the message makes the client send again, and the smarthost's
 recipients may then get it twice: the rarer failure costs a duplicate, not a loss.
@@ -106,6 +108,10 @@ class SubmissionBackend(Backend):
 
 
 class _SubmissionReceiver:
+    """One message: local recipients' copies are sealed by the intake as the bytes
+    arrive; only a message with recipients elsewhere is spooled (it leaves in the
+    clear anyway)."""
+
     def __init__(self, backend, sender, recipients, peer):
         self._backend = backend
         self._sender = sender
@@ -116,11 +122,49 @@ class _SubmissionReceiver:
             f"Received: from {helo} ([{ip}])\r\n\tby {backend.hostname} with "
             f"{'ESMTPSA' if secure else 'ESMTPA'}; {rfc822date().decode()}\r\n"
         ).encode("ascii", "replace")
-        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY,
-                                                    dir=backend.spool_dir)
+        self._started = None
+        self._local = self._remote = ()
+        self._intake = None
+        self._spool = None
+        self._aborted = False
+
+    def _start(self):
+        if self._started is None:
+            self._started = defer.ensureDeferred(self._classify())
+        return self._started
+
+    async def _classify(self):
+        backend = self._backend
+        self._local = [r for r in self._recipients if await backend._is_local(r)]
+        self._remote = [r for r in self._recipients if r not in self._local]
+        if self._remote:
+            self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY,
+                                                        dir=backend.spool_dir)
+        if self._local:
+            from leapmail.provider.intake import IntakeError
+
+            try:
+                self._intake = backend.intake.receiver(self._local, self._trace)
+            except IntakeError as e:
+                raise _intake_reply(e) from None
+        if self._aborted:  # the client left while we were looking
+            self.abort()
 
     def write(self, data):
-        self._spool.write(data)
+        if self._started is not None and self._started.called:
+            self._take(data)
+            return None
+        # The first piece waits for the recipients to be sorted out; the server reads
+        # nothing more meanwhile.
+        d = defer.Deferred()
+        self._start().addCallbacks(lambda _: d.callback(self._take(data)), d.errback)
+        return d
+
+    def _take(self, data):
+        if self._intake is not None:
+            self._intake.write(data)
+        if self._spool is not None:
+            self._spool.write(data)
 
     async def _pieces(self, trace):
         if trace:
@@ -133,17 +177,21 @@ class _SubmissionReceiver:
             yield piece
 
     async def finish(self):
-        backend = self._backend
+        from leapmail.provider.intake import IntakeError
+
         try:
-            local = [r for r in self._recipients if await backend._is_local(r)]
-            remote = [r for r in self._recipients if r not in local]
-            if remote:
-                await self._to_smarthost(remote)
-            if local:
-                await self._to_intake(local)
+            await self._start()
+            if self._remote:
+                await self._to_smarthost(self._remote)
+            if self._intake is not None:
+                try:
+                    await self._intake.finish()
+                except IntakeError as e:
+                    raise _intake_reply(e) from None
+                self._intake = None
             return f"delivered to {len(self._recipients)} recipient(s)"
         finally:
-            self._spool.close()
+            self.abort()
 
     async def _to_smarthost(self, recipients):
         backend = self._backend
@@ -168,26 +216,13 @@ class _SubmissionReceiver:
             rcpt, code, text = refused[0]
             raise _passed_back(code, text, f"the smarthost refused <{rcpt}>")
 
-    async def _to_intake(self, recipients):
-        from leapmail.provider.intake import IntakeError
-
-        try:
-            receiver = self._backend.intake.receiver(recipients, self._trace)
-        except IntakeError as e:
-            raise _intake_reply(e) from None
-        try:
-            async for piece in self._pieces(trace=False):
-                receiver.write(piece)
-            await receiver.finish()
-        except IntakeError as e:
-            receiver.abort()
-            raise _intake_reply(e) from None
-        except BaseException:
-            receiver.abort()
-            raise
-
     def abort(self):
-        self._spool.close()
+        self._aborted = True
+        if self._intake is not None:
+            intake, self._intake = self._intake, None
+            intake.abort()
+        if self._spool is not None:
+            self._spool.close()
 
 
 def _intake_reply(error):
