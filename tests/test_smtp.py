@@ -494,6 +494,15 @@ def test_submission_delivers_to_the_providers_own_users_through_the_intake(provi
         carol = storage.find_account("carol@example.org").user_id
         storage.set_incoming_key(carol, key.public_bytes())
         message = MESSAGE.replace(b"bob@elsewhere.test", b"carol@example.org")
+        # A client that hangs up in the middle of DATA leaves nothing behind.
+        dropped = submission_client(provider)
+        dropped.login("carol@example.org", token)
+        assert dropped.mail("carol@example.org")[0] == 250
+        assert dropped.rcpt("carol@example.org")[0] == 250
+        dropped.putcmd("data")
+        assert dropped.getreply()[0] == 354
+        dropped.send(b"Subject: half\r\n\r\n" + b"partial line\r\n" * 100_000)
+        dropped.close()
         with submission_client(provider) as client:
             client.login("carol@example.org", token)
             refused = client.sendmail("carol@example.org",
