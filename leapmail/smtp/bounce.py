@@ -27,6 +27,8 @@ def delivery_status_notification(sender, failures, original_header, reporting_mt
     """The bytes of a multipart/report bounce to ``sender`` listing ``failures``
     (``(recipient, code, reply)``), with the original message's header attached."""
     now = time.time() if now is None else now
+    # The account's own domain: the report is made on this machine, for its user.
+    domain = sender.rpartition("@")[2] or "localhost"
     boundary = "=_dsn_" + os.urandom(12).hex()
     listing = "\r\n".join(f"  {rcpt}: {code} {_clean(text)}" for rcpt, code, text in failures)
     human = (
@@ -48,11 +50,11 @@ def delivery_status_notification(sender, failures, original_header, reporting_mt
     status = "\r\n".join(per_message) + "\r\n\r\n" + "\r\n\r\n".join(per_recipient) + "\r\n"
     header = original_header.rstrip(b"\r\n") + b"\r\n"
     head = "\r\n".join([
-        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"From: Mail Delivery System <MAILER-DAEMON@{domain}>",
         f"To: <{sender}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {email.utils.formatdate(now)}",
-        f"Message-ID: <{os.urandom(12).hex()}@{reporting_mta}>",
+        f"Message-ID: <{os.urandom(12).hex()}@{domain}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',

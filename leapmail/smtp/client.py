@@ -222,6 +222,11 @@ class SMTPConnection:
         await self._expect(250)
         return accepted, refused
 
+    def abort(self):
+        """Cut the connection now (at shutdown): what is under way fails as a
+        connection failure, to be retried."""
+        self._reader.transport.abortConnection()
+
     async def reset(self):
         await self._command(b"RSET", 250)
 

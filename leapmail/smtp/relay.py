@@ -65,6 +65,7 @@ class Relay:
         self._running = None
         self._again = False
         self._stopped = False
+        self._conn = None
         self.last_error = None
 
     def start(self):
@@ -78,6 +79,10 @@ class Relay:
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._conn is not None:
+            # A big message on a slow link must not hold the daemon's shutdown: the
+            # batch's outcomes are still recorded (as failures to retry).
+            self._conn.abort()
         if self._running is not None:
             try:
                 yield self._running
@@ -153,7 +158,7 @@ class Relay:
 
     async def _send_batch(self, entries, outcomes):
         try:
-            conn = await self._connect()
+            conn = self._conn = await self._connect()
         except Exception as e:
             error = _describe(e)
             for entry in entries:
@@ -196,6 +201,7 @@ class Relay:
             else:
                 self.last_error = None
         finally:
+            self._conn = None
             await conn.close()
 
     async def _pieces(self, entry):
