@@ -200,6 +200,8 @@ class IncomingService(service.Service):
         self.imported += 1
 
     async def _failed(self, client, item, source, error):
+        if not self.running:
+            return      # the store closing under us is no fault of the delivery
         delivery_id = item["id"]
         attempts = item["attempts"] + 1
         text = str(error) or type(error).__name__
