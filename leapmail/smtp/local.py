@@ -62,7 +62,7 @@ class _OutboxReceiver:
         entry_id = await self._writer.finish(self._sender, self._recipients)
         self._done = True
         if self._relay is not None:
-            self._relay.kick()
+            self._relay.queued()
         return f"queued as {entry_id}"
 
     def abort(self):

@@ -36,6 +36,8 @@ STATUS_NAME = "outbox-status.json"
 BATCH = 50
 RETRY_FIRST = 2.0
 RETRY_MAX = 600.0
+#: Seconds between a message being queued and the relay run that sends it.
+QUEUED_DELAY = 0.05
 SENT = "Sent"
 
 
@@ -89,8 +91,22 @@ class Relay:
             except Exception:
                 pass
 
+    def queued(self):
+        """A message was just queued: relay soon, together with any that a client
+        sending several in a row queues meanwhile (one connection, one commit)."""
+        if self._stopped:
+            return
+        if self._running is not None:
+            self._again = True
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() - self._reactor.seconds() <= QUEUED_DELAY:
+                return
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(QUEUED_DELAY, self.kick)
+
     def kick(self):
-        """Relay what is due now (a message was just queued, or the daemon started)."""
+        """Relay what is due now (the daemon started, or a timer says so)."""
         if self._stopped:
             return
         if self._running is not None:
