@@ -330,6 +330,8 @@ def makeService(options):
         provider = home.provider()
         login_key = _login_key(home, passphrase) if provider is not None else None
         del passphrase
+        # Checked before the store is locked: a bad address is one line, like the rest.
+        submission = _submission(home, options, provider) if provider is not None else None
         # Validate, lock and migrate now, so a bad file is reported before daemonizing.
         database = home.open_database(bundle)
         try:
@@ -361,7 +363,7 @@ def makeService(options):
     ).setServiceParent(top)
     relay_factory = None
     if sync is not None:
-        relay_factory = _relay_factory(home, options, username, provider, sync)
+        relay_factory = _relay_factory(home, options, username, provider, submission, sync)
     from leapmail.smtp.local import SMTPService
 
     SMTPService(store_service, options["listen"], options["smtp-port"], username,
@@ -370,24 +372,16 @@ def makeService(options):
     return top
 
 
-def _relay_factory(home, options, address, provider, credentials):
+def _relay_factory(home, options, address, provider, submission, credentials):
     """How the SMTP service makes its relay to the provider's submission port."""
-    from urllib.parse import urlsplit
-
     from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-    config = home.config()
-    where = options["submission"] or config.get("submission")
-    provider_host = urlsplit(provider[0]).hostname or "localhost"
-    try:
-        host, port = _submission_address(where, provider_host)
-    except ValueError as e:
-        raise SystemExit(f"leapmail: {e}") from None
+    host, port, provider_host = submission
     if provider[1] is not None:
         tls = optionsForClientTLS(provider_host, trustRoot=Certificate.loadPEM(provider[1]))
     else:
         tls = optionsForClientTLS(provider_host)
-    save_sent = bool(options["save-sent"] or config.get("save_sent"))
+    save_sent = bool(options["save-sent"] or home.config().get("save_sent"))
 
     def make(outbox, account):
         from leapmail.smtp.relay import Relay
@@ -398,10 +392,18 @@ def _relay_factory(home, options, address, provider, credentials):
     return make
 
 
-def _submission_address(where, default_host):
+def _submission(home, options, provider):
+    """``(host, port, provider_host)`` of the provider's submission service: the
+    option, else config.json's ``"submission"``, else the provider's host, port 587.
+    The certificate is checked against the provider's host name whatever address
+    is dialled."""
+    from urllib.parse import urlsplit
+
+    provider_host = urlsplit(provider[0]).hostname or "localhost"
+    where = options["submission"] or home.config().get("submission")
     if not where:
-        return default_host, 587
+        return provider_host, 587, provider_host
     host, sep, port = str(where).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"the submission address must be HOST:PORT, not {where!r}")
-    return host, int(port)
+        raise LeapmailError(f"the submission address must be HOST:PORT, not {where!r}")
+    return host, int(port), provider_host

@@ -600,3 +600,24 @@ def test_alice_sends_with_msmtp_and_bob_finds_it_in_his_inbox(provider, tmp_path
     finally:
         alice.stop()
         bob.stop()
+
+
+def test_a_bad_submission_address_is_one_line_and_exit_status_1(tmp_path):
+    import json
+
+    home = str(tmp_path / "home")
+    env = dict(os.environ, LEAPMAIL_PASSPHRASE=PASSPHRASE)
+    subprocess.run([os.path.join(BIN, "leapmail"), "init", "--home", home, "--address",
+                    ALICE], env=env, check=True, capture_output=True, timeout=120)
+    with open(os.path.join(home, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(home, "config.json"), "w") as f:
+        json.dump(dict(config, provider="https://127.0.0.1:1"), f)
+    result = subprocess.run(
+        [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "leapmail", "--home", home,
+         "--imap-port", "0", "--smtp-port", "0", "--submission", "nonsense"],
+        env=env, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.decode().endswith(
+        "leapmail: the submission address must be HOST:PORT, not 'nonsense'\n")
+    assert b"Traceback" not in result.stdout + result.stderr
