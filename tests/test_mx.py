@@ -201,3 +201,22 @@ def test_swaks_delivery(mx, inbox, tmp_path):
     assert b"<-  250 2.0.0 message accepted for delivery" in result.stdout
     [stored] = inbox()
     assert split_trace(stored) == message
+
+
+def test_a_client_making_too_many_errors_is_dropped(mx, inbox):
+    sock = socket.create_connection(("127.0.0.1", mx.mx_port), timeout=30)
+    reader = sock.makefile("rb")
+    reader.readline()
+    # Pipelined abuse: a burst of unknown-user probes, all in one write.
+    sock.sendall(b"EHLO client.example\r\nMAIL FROM:<z@example.net>\r\n"
+                 + b"".join(b"RCPT TO:<probe%d@example.org>\r\n" % i for i in range(40)))
+    lines = []
+    while True:
+        line = reader.readline()
+        if not line:
+            break
+        lines.append(line)
+    codes = [line[:3] for line in lines if line[3:4] == b" "]
+    assert codes == [b"250", b"250"] + [b"550"] * 20 + [b"421"]
+    assert lines[-1] == b"421 4.7.0 too many errors; closing the connection\r\n"
+    sock.close()

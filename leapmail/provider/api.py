@@ -931,8 +931,6 @@ class ProviderAPI:
             return None
 
         gone.addErrback(disconnected)
-        first_incoming = None
-
         def look():
             return (self.storage.changes(user_id, since, limit, CHANGES_BYTES),
                     self.storage.incoming_count(user_id, self._now()))
@@ -944,12 +942,11 @@ class ProviderAPI:
             except BaseException:
                 _drop(waiter)
                 raise
-            if first_incoming is None:
-                first_incoming = incoming
             remaining = deadline - self.reactor.seconds()
-            # New mail ends the wait too; mail that was waiting already does not (the
-            # device has it in hand, or has put it off after a failure).
-            if (changes.docs or incoming > first_incoming or remaining <= 0
+            # New mail ends the wait too: a delivery moves the head with no document.
+            # Mail that was waiting already does not (the device has it in hand, or
+            # has put it off after a failure).
+            if (changes.docs or changes.seq > since or remaining <= 0
                     or waiter is None or request._disconnected):
                 _drop(waiter)
                 break

@@ -24,7 +24,9 @@ Change sequence numbers: a push of ``n`` documents adds ``n`` to the account's
 revisions, and each document gets one of the ``n`` numbers.  That update locks the
 account's row until the push commits, so pushes to one account are serialized and
 numbers are handed out in commit order: a reader never sees ``seq`` 10 committed while
-9 is still to come.  A push that conflicts rolls back, number bump included.
+9 is still to come.  A push that conflicts rolls back, number bump included.  A
+delivery of incoming mail adds 1 with no document, so that a long poll from before it
+sees the head move.
 """
 
 import hmac
@@ -253,7 +255,7 @@ class IProviderStorage(Interface):
 
     def deliver(deliveries, now):
         """Store sealed deliveries, all or nothing, and announce them to each account's
-        change feed.  ``deliveries``: ``[(user_id, delivery_id, chunks)]``, ``chunks``
+        change feed (its ``seq`` goes up by one, with no document).  ``deliveries``: ``[(user_id, delivery_id, chunks)]``, ``chunks``
         an iterable of bytes of at most ``INCOMING_CHUNK`` each (read as it is stored).
         """
 
@@ -709,6 +711,9 @@ class SQLStorage:
                           (user_id, delivery_id, size, n, int(now)))
                 users.add(user_id)
             for user_id in sorted(users):
+                # A new sequence number with no document: a long poll that began
+                # before it (or whose wake-up was lost) sees its head move and answers.
+                c.execute("UPDATE users SET seq = seq + 1 WHERE id = ?", (user_id,))
                 self._notify(c, user_id)
 
     _INCOMING = "id, size, received, attempts, chunks"
