@@ -3,6 +3,7 @@ the real-process tests in test_smtp.py cannot pin down, such as a message arrivi
 byte at a time or a backend that answers late while the client pipelines."""
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
@@ -127,3 +128,20 @@ def test_an_empty_line_after_the_header_ends_it_even_across_pieces():
     proto.dataReceived(b"\r\ncaf\xc3\xa9\r\n.\r\n")
     assert replies(transport)[-1] == b"250 2.0.0 queued"
     assert backend.messages[0][2] == b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_gives_up_on_a_server_that_never_answers():
+    from twisted.internet import protocol, reactor
+
+    from leapmail.smtp.client import SMTPClientError, SMTPConnection
+
+    silent = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
+                               interface="127.0.0.1")
+    try:
+        with pytest.raises(SMTPClientError) as e:
+            await SMTPConnection.open(reactor, "127.0.0.1", silent.getHost().port, "me",
+                                      reply_timeout=0.5)
+        assert (e.value.code, e.value.text) == (0, "no answer in 0.5 seconds")
+    finally:
+        await silent.stopListening()

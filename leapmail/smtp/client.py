@@ -17,6 +17,9 @@ from zope.interface import implementer
 MAX_REPLY_LINE = 4096
 #: Lines of one reply taken.
 MAX_REPLY_LINES = 100
+#: Seconds to wait for any one reply (RFC 5321 4.5.3.2 suggests 5 to 10 minutes; a
+#: submission server on the provider answers in well under this).
+REPLY_TIMEOUT = 300
 
 
 class SMTPClientError(Exception):
@@ -33,7 +36,9 @@ class SMTPClientError(Exception):
 
 
 class _ReplyReader(protocol.Protocol):
-    def __init__(self):
+    def __init__(self, reactor, reply_timeout):
+        self._reactor = reactor
+        self._reply_timeout = reply_timeout
         self._buffer = bytearray()
         self._lines = []
         self._replies = []
@@ -83,8 +88,20 @@ class _ReplyReader(protocol.Protocol):
             if self._lost is not None:
                 raise self._lost
             self._waiting = defer.Deferred()
-            await self._waiting
+            # A server that stops answering must not hold the relay (or the daemon's
+            # shutdown) forever.
+            timer = self._reactor.callLater(self._reply_timeout, self._timed_out)
+            try:
+                await self._waiting
+            finally:
+                if timer.active():
+                    timer.cancel()
         return self._replies.pop(0)
+
+    def _timed_out(self):
+        self._lost = SMTPClientError(0, f"no answer in {self._reply_timeout} seconds")
+        self.transport.abortConnection()
+        self._wake()
 
 
 @implementer(interfaces.IPushProducer)
@@ -121,10 +138,10 @@ class SMTPConnection:
 
     @classmethod
     async def open(cls, reactor, host, port, helo, tls=None, require_tls=False,
-                   username=None, password=None, timeout=30):
+                   username=None, password=None, timeout=30, reply_timeout=REPLY_TIMEOUT):
         endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
         try:
-            reader = await connectProtocol(endpoint, _ReplyReader())
+            reader = await connectProtocol(endpoint, _ReplyReader(reactor, reply_timeout))
         except Exception as e:
             raise SMTPClientError(0, f"cannot connect to {host}:{port}: {e}") from None
         self = cls(reader)
