@@ -79,6 +79,7 @@ def _status(args):
         print("daemon:    not running (sync waits for it)")
     else:
         print(f"daemon:    running{f' (pid {holder})' if holder else ''}")
+    _outbox_status(home)
     path = os.path.join(home.path, STATUS_NAME)
     try:
         with open(path, "rb") as f:
@@ -101,6 +102,30 @@ def _status(args):
               f"{incoming.get('notices', 0)} replaced by a notice in INBOX")
         if incoming.get("last_failure"):
             print(f"           last failure: {incoming['last_failure']}")
+
+
+def _outbox_status(home):
+    """The relay's last word on the outbox (written by leapmail.smtp.relay)."""
+    import json
+    import os
+    import time
+
+    from leapmail.smtp.relay import STATUS_NAME
+
+    try:
+        with open(os.path.join(home.path, STATUS_NAME), "rb") as f:
+            status = json.load(f)
+    except (FileNotFoundError, ValueError):
+        print("outbox:    nothing relayed yet")
+        return
+    line = f"outbox:    {status.get('queued', '?')} queued (as of {status.get('written')})"
+    if status.get("oldest"):
+        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status["oldest"]))
+        line += f", oldest from {oldest}"
+    print(line)
+    error = status.get("relay_error") or status.get("last_error")
+    if error:
+        print(f"relay:     {error}")
 
 
 def _passwd(args):

@@ -20,12 +20,13 @@ from leapmail.crypto import SecretsBundle, new_client_password, seal, unseal
 from leapmail.errors import LeapmailError
 from leapmail.fsutil import atomic_write
 from leapmail.mail.account import keyed_id, setup_mailboxes
+from leapmail.mail.outbox import OUTBOX
 from leapmail.mail.schema import MAIL
 from leapmail.store import Database, Store
 from leapmail.sync.schema import SYNC
 
 #: The schema components of an account's store.
-COMPONENTS = (MAIL, SYNC)
+COMPONENTS = (MAIL, SYNC, OUTBOX)
 
 
 class HomeError(LeapmailError):

@@ -1,10 +1,11 @@
 """The daemon as a twistd service::
 
     twistd -n leapmail --home DIR [--imap-port P] [--smtp-port Q] [--listen ADDR]
+                       [--submission HOST:PORT] [--save-sent]
 
 It unlocks the account, holds its store open, keeps the mail core running (full-text
-indexing) and serves IMAP on ``ADDR:P``. The SMTP listener and the sync loop are
-services that later releases add under the same parent.
+indexing), syncs with the provider, serves IMAP on ``ADDR:P`` and SMTP on ``ADDR:Q``
+(the outbox and its relay to the provider: :mod:`leapmail.smtp`).
 """
 
 import ipaddress
@@ -53,14 +54,20 @@ class Options(usage.Options):
         ["home", None, None, "account directory (default: $LEAPMAIL_HOME, else "
          "$XDG_DATA_HOME/leapmail, else ~/.local/share/leapmail)"],
         ["imap-port", None, str(DEFAULT_IMAP_PORT), "IMAP port (0: any free port)"],
-        ["smtp-port", None, str(DEFAULT_SMTP_PORT),
-         "SMTP port (recorded; the SMTP server is not written yet)"],
+        ["smtp-port", None, str(DEFAULT_SMTP_PORT), "SMTP port (0: any free port)"],
+        ["submission", None, None, "the provider's submission service, HOST:PORT "
+         "(default: config.json's \"submission\", else the provider's host, port 587)"],
         ["listen", None, DEFAULT_LISTEN,
          "IP address to listen on; anything but loopback exposes the account to the network"],
         ["incoming-retry", None, "60", "seconds before the first retry of incoming mail "
          "that would not open (doubled each time)"],
         ["incoming-attempts", None, "5", "attempts before a notice replaces such mail"],
         ["incoming-lease", None, "300", "seconds a claim on incoming mail holds"],
+    ]
+
+    optFlags = [
+        ["save-sent", None, "keep a copy of every message sent in Sent (also: "
+         "\"save_sent\": true in config.json)"],
     ]
 
     def postOptions(self):
@@ -80,21 +87,11 @@ class DaemonService(service.MultiService):
 
     Unlike a plain MultiService, it stops its children one at a time, last started
     first, and waits for each to finish stopping before it stops the next: the IMAP
-    listener and its connections must be gone before the store they use closes.
-
-    ``smtp_port`` is recorded for the SMTP service still to be written.
+    and SMTP listeners and their connections must be gone before the store they use
+    closes.
     """
 
     log = Logger()
-
-    def __init__(self, smtp_port=DEFAULT_SMTP_PORT):
-        super().__init__()
-        self.smtp_port = smtp_port
-
-    def startService(self):
-        super().startService()
-        self.log.info(
-            "SMTP is not implemented yet: nothing listens on port {port}", port=self.smtp_port)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -333,6 +330,8 @@ def makeService(options):
         provider = home.provider()
         login_key = _login_key(home, passphrase) if provider is not None else None
         del passphrase
+        # Checked before the store is locked: a bad address is one line, like the rest.
+        submission = _submission(home, options, provider) if provider is not None else None
         # Validate, lock and migrate now, so a bad file is reported before daemonizing.
         database = home.open_database(bundle)
         try:
@@ -343,9 +342,10 @@ def makeService(options):
     except LeapmailError as e:
         raise SystemExit(f"leapmail: {e}") from None
     report_start_errors("leapmail")
-    top = DaemonService(smtp_port=options["smtp-port"])
+    top = DaemonService()
     store_service = StoreService(database, bundle.id_key)
     store_service.setServiceParent(top)
+    sync = None
     if provider is not None:
         from leapmail.crypto.wire import WireKeys
         from leapmail.sync.service import SyncService
@@ -361,4 +361,49 @@ def makeService(options):
         store_service, options["listen"], options["imap-port"], username,
         bundle.client_password, context_factory=tls,
     ).setServiceParent(top)
+    relay_factory = None
+    if sync is not None:
+        relay_factory = _relay_factory(home, options, username, provider, submission, sync)
+    from leapmail.smtp.local import SMTPService
+
+    SMTPService(store_service, options["listen"], options["smtp-port"], username,
+                bundle.client_password, context_factory=tls,
+                relay_factory=relay_factory).setServiceParent(top)
     return top
+
+
+def _relay_factory(home, options, address, provider, submission, credentials):
+    """How the SMTP service makes its relay to the provider's submission port."""
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+    host, port, provider_host = submission
+    if provider[1] is not None:
+        tls = optionsForClientTLS(provider_host, trustRoot=Certificate.loadPEM(provider[1]))
+    else:
+        tls = optionsForClientTLS(provider_host)
+    save_sent = bool(options["save-sent"] or home.config().get("save_sent"))
+
+    def make(outbox, account):
+        from leapmail.smtp.relay import Relay
+
+        return Relay(outbox, account, address, host, port, tls, credentials, home.path,
+                     save_sent=save_sent)
+
+    return make
+
+
+def _submission(home, options, provider):
+    """``(host, port, provider_host)`` of the provider's submission service: the
+    option, else config.json's ``"submission"``, else the provider's host, port 587.
+    The certificate is checked against the provider's host name whatever address
+    is dialled."""
+    from urllib.parse import urlsplit
+
+    provider_host = urlsplit(provider[0]).hostname or "localhost"
+    where = options["submission"] or home.config().get("submission")
+    if not where:
+        return provider_host, 587, provider_host
+    host, sep, port = str(where).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LeapmailError(f"the submission address must be HOST:PORT, not {where!r}")
+    return host, int(port), provider_host

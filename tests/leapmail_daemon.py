@@ -29,6 +29,7 @@ ROOT = os.path.dirname(HERE)
 BIN = (os.path.join(ROOT, ".venv", "bin") if os.path.isdir(os.path.join(ROOT, ".venv", "bin"))
        else os.path.dirname(sys.executable))
 LISTENING = re.compile(rb"IMAP listening on ([0-9.]+):([0-9]+)")
+SMTP_LISTENING = re.compile(rb"SMTP listening on ([0-9.]+):([0-9]+)")
 
 
 class DaemonError(Exception):
@@ -43,6 +44,9 @@ class TwistdProcess:
     """
 
     listening = LISTENING
+    #: More ports to learn before run() returns: ``{attribute: regex}``, the port
+    #: (group 2) of each line goes into the attribute.
+    also_listening = {}
 
     def __init__(self, log_path):
         self.log_path = log_path
@@ -83,7 +87,9 @@ class TwistdProcess:
         self._lines.put(None)
 
     def _wait_listening(self, deadline):
-        while True:
+        missing = dict(self.also_listening)
+        found = False
+        while not found or missing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DaemonError(f"no 'listening' line in time:\n{self.log_text()}")
@@ -100,7 +106,12 @@ class TwistdProcess:
             if match:
                 self.host = match.group(1).decode()
                 self.port = int(match.group(2))
-                return
+                found = True
+            for name, pattern in list(missing.items()):
+                match = pattern.search(line)
+                if match:
+                    setattr(self, name, int(match.group(2)))
+                    del missing[name]
 
     def log_text(self):
         try:
@@ -139,6 +150,8 @@ class TwistdProcess:
 
 
 class LeapmailDaemon(TwistdProcess):
+    also_listening = {"smtp_port": SMTP_LISTENING}
+
     def __init__(self, home, passphrase="leapmail-bench", address="bench@localhost",
                  extra_args=(), init_args=()):
         self.home = os.path.abspath(home)
@@ -149,6 +162,7 @@ class LeapmailDaemon(TwistdProcess):
         self.init_args = list(init_args)
         self.user = None
         self.password = None
+        self.smtp_port = None
 
     def _env(self):
         env = dict(os.environ)
@@ -180,7 +194,8 @@ class LeapmailDaemon(TwistdProcess):
         self.init()
         self._read_credentials()
         self.run([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "leapmail",
-                  "--home", self.home, "--imap-port", "0", *self.extra_args], timeout)
+                  "--home", self.home, "--imap-port", "0", "--smtp-port", "0",
+                  *self.extra_args], timeout)
         return self
 
     def imap(self):

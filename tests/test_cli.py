@@ -125,7 +125,7 @@ def twistd(home, passphrase=PASS):
     # Port 0: tests must not collide with each other or with a running 'make run'.
     return subprocess.Popen(
         [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile=-", "leapmail", "--home", home,
-         "--imap-port", "0"],
+         "--imap-port", "0", "--smtp-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
     )
 
@@ -190,7 +190,7 @@ def test_detached_daemon_names_itself_in_the_lock(home, tmp_path):
     pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
     subprocess.run(
         [os.path.join(BIN, "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}",
-         "leapmail", "--home", home, "--imap-port", "0"],
+         "leapmail", "--home", home, "--imap-port", "0", "--smtp-port", "0"],
         check=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
     )
     pid = int(pidfile.read_text())

@@ -242,7 +242,7 @@ async def test_context_factory_serves_starttls(tmp_path):
 
 
 def test_daemon_makes_its_certificate_once(home):
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     try:
         wait_for(daemon, b"IMAP listening on ")
     finally:
@@ -250,7 +250,7 @@ def test_daemon_makes_its_certificate_once(home):
     cert, key = os.path.join(home, "tls-cert.pem"), os.path.join(home, "tls-key.pem")
     assert mode(cert) == mode(key) == 0o600
     first = read(cert), read(key)
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     try:
         wait_for(daemon, b"IMAP listening on ")
     finally:
@@ -262,7 +262,7 @@ def test_daemon_refuses_a_damaged_certificate_in_one_line(home):
     ensure_certificate(home)
     with open(os.path.join(home, "tls-cert.pem"), "wb") as f:
         f.write(b"not a certificate\n")
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     out, err = daemon.communicate(timeout=60)
     assert daemon.returncode == 1
     assert b"Traceback" not in out + err
@@ -289,7 +289,7 @@ def credentials(home):
 
 
 def test_daemon_logs_the_port_it_got_on_loopback(home):
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     try:
         host, port = listening_port(daemon)
         assert host == "127.0.0.1"
@@ -305,7 +305,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(home):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = twistd("--home", home, "--imap-port", str(port))
+        daemon = twistd("--home", home, "--imap-port", str(port), "--smtp-port", "0")
         out, err = daemon.communicate(timeout=60)
     assert daemon.returncode == 1
     assert err.decode() == f"leapmail: cannot listen on 127.0.0.1:{port}: address already in use\n"
@@ -320,7 +320,7 @@ def test_imap_login_with_the_credentials_over_starttls(home):
     import imaplib
 
     username, password = credentials(home)
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     try:
         host, port = listening_port(daemon)
         context = ssl.create_default_context(cafile=os.path.join(home, "tls-cert.pem"))
@@ -341,7 +341,7 @@ def test_imap_login_with_the_credentials_over_starttls(home):
 
 
 def test_stopping_closes_open_connections_first(home):
-    daemon = twistd("--home", home, "--imap-port", "0")
+    daemon = twistd("--home", home, "--imap-port", "0", "--smtp-port", "0")
     try:
         host, port = listening_port(daemon)
         idle = socket.create_connection((host, port), timeout=30)

@@ -130,6 +130,20 @@ def sha256(data):
     return hashlib.sha256(data).digest()
 
 
+_TOKEN = re.compile(rb"[A-Za-z0-9_-]{16,256}")
+
+
+def device_of_token(storage, token):
+    """The :class:`DeviceRecord` of a device token (bytes), or ``None`` if it is
+    malformed or unknown; whether it has expired is the caller's to check.  Blocks.
+
+    Shared by the sync API's bearer tokens and submission's AUTH.
+    """
+    if _TOKEN.fullmatch(token) is None:
+        return None
+    return storage.device_by_token_hash(sha256(token))
+
+
 # -- the provider secret ------------------------------------------------------------
 
 
@@ -644,10 +658,10 @@ class ProviderAPI:
         header = request.getHeader(b"authorization")
         if header is None:
             raise ApiError(401, "this request needs an 'Authorization: Bearer TOKEN' header")
-        match = re.fullmatch(rb"[Bb]earer +([A-Za-z0-9_-]{16,256}) *", header)
+        match = re.fullmatch(rb"[Bb]earer +(\S+) *", header)
         if match is None:
             raise ApiError(401, "unknown token")
-        device = await self._thread(self.storage.device_by_token_hash, sha256(match.group(1)))
+        device = await self._thread(device_of_token, self.storage, match.group(1))
         if device is None:
             raise ApiError(401, "unknown token")
         if self._now() >= device.expires:

@@ -3,6 +3,7 @@
     twistd -n leapmail-provider --home DIR --port P [--listen ADDR] [--database URL]
                                 [--tls-cert FILE --tls-key FILE] [--token-lifetime SECONDS]
                                 [--mx-port M [--max-message-size BYTES] [--hostname NAME]]
+                                [--submission-port S [--smarthost HOST[:PORT]]]
 
 Serves the sync API (:mod:`leapmail.provider.api`) over HTTPS on ``ADDR:P``
 (127.0.0.1 unless told otherwise) and logs ``Provider listening on HOST:PORT`` once
@@ -16,6 +17,9 @@ can share; the URL's password never reaches the log.
 
 With ``--mx-port`` it also runs the MX (:mod:`leapmail.provider.mx`, docs/incoming.rst)
 on ``ADDR:M`` and logs ``MX listening on HOST:PORT`` before the HTTPS line.
+
+With ``--submission-port`` it also serves authenticated SMTP submission
+(:mod:`leapmail.provider.submission`) with the same certificate for STARTTLS.
 """
 
 import os
@@ -70,10 +74,16 @@ class Options(usage.Options):
         ["token-lifetime", None, "2592000", "seconds a device token is good for (30 days)"],
         ["mx-port", None, None, "SMTP port of the MX for incoming mail (0: any free port; "
          "default: no MX)"],
-        ["max-message-size", None, str(50 * 1024 * 1024), "largest message the MX accepts, "
+        ["max-message-size", None, str(50 * 1024 * 1024), "largest message the MX and submission accept, "
          "in bytes"],
         ["hostname", None, None, "the MX's name in greetings and Received: headers "
          "(default: this machine's FQDN)"],
+        ["submission-port", None, None,
+         "serve authenticated SMTP submission on this port (0: any free port; the log "
+         "says \"submission listening on HOST:PORT\"); not served unless given"],
+        ["smarthost", None, None,
+         "HOST[:PORT] that submission hands mail for other domains to (default port 25); "
+         "without one, such mail is refused"],
     ]
 
     def postOptions(self):
@@ -93,6 +103,15 @@ class Options(usage.Options):
             self["hostname"] = socket.getfqdn()
         if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self["hostname"]):
             raise usage.UsageError("--hostname must be a DNS name")
+        if self["submission-port"] is not None:
+            self["submission-port"] = parse_port("submission-port", self["submission-port"])
+        if self["smarthost"] is not None:
+            from leapmail.provider.submission import parse_smarthost
+
+            try:
+                self["smarthost"] = parse_smarthost(self["smarthost"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
 
@@ -244,7 +263,25 @@ def makeService(options):
         raise SystemExit(f"leapmail-provider: {e.strerror}: {e.filename}") from None
     Logger().info("provider storage: {where}", where=storage.describe())
     report_start_errors("leapmail-provider")
-    return ProviderService(storage, secret, options["listen"], options["port"], tls,
-                           options["token-lifetime"], mx_port=options["mx-port"],
-                           max_message_size=options["max-message-size"],
-                           hostname=options["hostname"])
+    provider = ProviderService(storage, secret, options["listen"], options["port"], tls,
+                               options["token-lifetime"], mx_port=options["mx-port"],
+                               max_message_size=options["max-message-size"],
+                               hostname=options["hostname"])
+    provider.home = home
+    if options["submission-port"] is None:
+        return provider
+    return _with_submission(provider, options, tls)
+
+
+def _with_submission(provider, options, tls):
+    """The provider's services under one parent, submission started after (and
+    stopped before) the storage, threads and intake it uses."""
+    from leapmail.provider.submission import SubmissionService
+
+    top = service.MultiService()
+    provider.setServiceParent(top)
+    SubmissionService(provider, options["listen"], options["submission-port"], tls,
+                      options["hostname"], smarthost=options["smarthost"],
+                      max_size=options["max-message-size"],
+                      intake_factory=lambda provider: provider.intake).setServiceParent(top)
+    return top

@@ -217,6 +217,9 @@ class IProviderStorage(Interface):
     def get_bundle(user_id):
         """The account's sealed secrets bundle (bytes)."""
 
+    def address_of(user_id):
+        """The account's address, or ``None`` (submission: who a token logs in as)."""
+
     def push(user_id, docs):
         """Write ``docs``, a sequence of ``(id, base_rev, data)`` with distinct ids, all
         or nothing, each at ``base_rev + 1``.
@@ -551,6 +554,11 @@ class SQLStorage:
                   "VALUES (?, ?, ?, ?, ?, ?)",
                   (user_id, device_id, device_name, bytes(token_hash), int(token_expires),
                    int(now)))
+
+    def address_of(self, user_id):
+        with self._transaction() as c:
+            row = c.one("SELECT address FROM users WHERE id = ?", (user_id,))
+        return None if row is None else row[0]
 
     def device_by_token_hash(self, token_hash):
         token_hash = bytes(token_hash)

@@ -206,6 +206,17 @@ class SyncService(service.Service):
         self._status["incoming"] = status
         self._write_status()
 
+    async def device_token(self, refused=None):
+        """The device token, for the relay's AUTH at the provider's submission port.
+
+        ``refused``: the token the provider just refused; this logs in again (once,
+        whoever asks: the pull loop may have done it already).
+        """
+        if refused is not None and self.client.token == refused:
+            await self.forget_token()
+        await self.ensure_token()
+        return self.client.token
+
     async def _ensure_token(self):
         if self.client.token is not None:
             return
