@@ -68,7 +68,8 @@ def split_trace(stored):
     head, sep, rest = stored.partition(b"\r\n\t")
     assert head.startswith(b"Received: from client.example ([127.0.0.1])")
     by, sep2, rest = rest.partition(b"\r\n\t")
-    assert by.startswith(b"by mx.example.org (leapmail) with ESMTP id ")
+    assert by.startswith((b"by mx.example.org (leapmail) with ESMTP id ",
+                          b"by mx.example.org (leapmail) with ESMTPS id "))
     for_line, _, rest = rest.partition(b"\r\n\t")
     assert for_line == b"for <alice@example.org>;"
     date, _, message = rest.partition(b"\r\n")
@@ -178,13 +179,54 @@ def test_garbage_and_long_lines_get_clear_replies(mx, inbox):
     sock = socket.create_connection(("127.0.0.1", mx.mx_port), timeout=30)
     reader = sock.makefile("rb")
     reader.readline()
-    sock.sendall(b"\xff\xfe BOGUS\r\nMAIL FROM:<z@example.net> SIZE=abc\r\n")
+    sock.sendall(b"\xff\xfe BOGUS\r\nEHLO client.example\r\n"
+                 b"MAIL FROM:<z@example.net> SIZE=abc\r\n")
     assert reader.readline() == b"500 5.5.1 command not recognized\r\n"
+    while not reader.readline().startswith(b"250 "):
+        pass
     assert reader.readline() == b"501 5.5.4 SIZE takes a number of bytes\r\n"
     sock.sendall(b"NOOP " + b"x" * (70 * 1024) + b"\r\n")
     assert reader.readline().startswith(b"500 5.5.6 line longer than")
     assert reader.readline() == b""
     sock.close()
+
+
+def test_starttls_starts_the_session_over_and_drops_what_was_piped_in_the_clear(
+        mx, inbox):
+    import ssl
+
+    sock = socket.create_connection(("127.0.0.1", mx.mx_port), timeout=30)
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(b"MAIL FROM:<z@example.net>\r\n")
+    assert reader.readline() == b"503 5.5.1 say EHLO first\r\n"
+    sock.sendall(b"EHLO client.example\r\n")
+    while not reader.readline().startswith(b"250 "):
+        pass
+    # The injection of CVE-2011-0411: a command sent in the clear behind STARTTLS.
+    sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.net>\r\n")
+    assert reader.readline().startswith(b"220 ")
+    context = ssl.create_default_context(cafile=mx.ca_path)
+    context.check_hostname = False
+    tls = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    reader = tls.makefile("rb")
+    # Nothing answers the injected MAIL, and EHLO must come again (RFC 3207 4.2).
+    tls.sendall(b"MAIL FROM:<z@example.net>\r\n")
+    assert reader.readline() == b"503 5.5.1 say EHLO first\r\n"
+    tls.sendall(b"EHLO client.example\r\nMAIL FROM:<z@example.net>\r\n"
+                b"RCPT TO:<alice@example.org>\r\nDATA\r\n")
+    replies = []
+    while len(replies) < 4:
+        line = reader.readline()
+        if line[3:4] == b" ":
+            replies.append(line[:3])
+    assert replies == [b"250", b"250", b"250", b"354"]
+    tls.sendall(b"Subject: over TLS\r\n\r\nsecret\r\n.\r\nQUIT\r\n")
+    assert reader.readline().startswith(b"250 ")
+    tls.close()
+    (stored,) = inbox()
+    assert b" with ESMTPS id " in stored.split(b"\r\n\r\n")[0]  # RFC 3848
+    assert split_trace(stored) == b"Subject: over TLS\r\n\r\nsecret\r\n"
 
 
 def test_swaks_delivery(mx, inbox, tmp_path):

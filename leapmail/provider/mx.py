@@ -64,7 +64,13 @@ class MXProtocol(smtp.ESMTP):
 
     # -- ordering: one command at a time -------------------------------------------
 
+    def dataReceived(self, data):
+        self._cut_after_starttls = False
+        super().dataReceived(data)
+
     def lineReceived(self, line):
+        if getattr(self, "_cut_after_starttls", False):
+            return
         if self._busy or self._queue:
             self._queue.append(line)
             return
@@ -129,6 +135,19 @@ class MXProtocol(smtp.ESMTP):
             return None
         return super().lookupMethod(command)
 
+    def ext_STARTTLS(self, rest):
+        # Whatever was pipelined after STARTTLS came in the clear and must not count as
+        # said inside TLS (CVE-2011-0411); and after the handshake the session starts
+        # over, EHLO and transaction forgotten (RFC 3207 4.2).
+        self._queue.clear()
+        self._buffer = b""  # a partial line sent in the clear
+        self._cut_after_starttls = True  # the rest of this read, in dataReceived's loop
+        tls_before = self.startedTLS
+        super().ext_STARTTLS(rest)
+        if self.startedTLS and not tls_before:
+            self._helo = (None, self._helo[1] if self._helo else None)
+            self._from, self._to = None, []
+
     def do_UNKNOWN(self, rest):
         self._reply(500, "5.5.1 command not recognized")
 
@@ -146,6 +165,9 @@ class MXProtocol(smtp.ESMTP):
         self._reply(252, "2.5.0 cannot verify; send the message and see")
 
     def do_MAIL(self, rest):
+        if not self._helo or self._helo[0] is None:  # Twisted's (None, peer) before HELO
+            self._reply(503, "5.5.1 say EHLO first")
+            return
         if self._from is not None:
             self._reply(503, "5.5.1 sender already given")
             return
