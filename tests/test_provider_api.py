@@ -1124,8 +1124,17 @@ async def test_incoming_key_claim_get_fail_delete(provider):
     # Leased to the laptop: the phone can neither claim nor read it.
     r = await in_thread(phone.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
     assert (r.status, r.json) == (200, {"incoming": []})
+    r = await in_thread(phone.post, "/v1/incoming/claim",
+                        {"limit": 10, "lease": 60, "reclaim": True})
+    assert (r.status, r.json) == (200, {"incoming": []})
     r = await in_thread(phone.get, "/v1/incoming/get?id=" + item["id"])
     assert r.status == 404
+    # The laptop, restarted, takes its own lease back without waiting for it to end.
+    r = await in_thread(laptop.post, "/v1/incoming/claim", {"limit": 10, "lease": 60})
+    assert r.json == {"incoming": []}
+    r = await in_thread(laptop.post, "/v1/incoming/claim",
+                        {"limit": 10, "lease": 60, "reclaim": True})
+    assert [i["id"] for i in r.json["incoming"]] == [item["id"]]
     r = await in_thread(laptop.get, "/v1/incoming/get?id=" + item["id"])
     assert r.status == 200 and r.headers["Content-Type"] == "application/octet-stream"
     assert len(r.raw) == item["size"] > 3 * 1024 * 1024
@@ -1148,7 +1157,8 @@ async def test_incoming_key_claim_get_fail_delete(provider):
     assert r.status == 404
     for body, message_part in (({"limit": 0, "lease": 60}, "limit"),
                                ({"limit": 1, "lease": 99999}, "lease"),
-                               ({"limit": 1}, "lease")):
+                               ({"limit": 1}, "lease"),
+                               ({"limit": 1, "lease": 1, "reclaim": 1}, "reclaim")):
         r = await in_thread(phone.post, "/v1/incoming/claim", body)
         assert r.status == 400 and r.json["message"].startswith(message_part), r
     r = await in_thread(provider.client().post, "/v1/incoming/claim", {"limit": 1, "lease": 1})

@@ -459,6 +459,23 @@ def test_claims_lease_fail_backs_off_and_delete(storage):
     assert [r.id for r in storage.claim_incoming(uid, "dev3", 10, NOW + 200, NOW + 100)] == ["d2"]
 
 
+def test_a_reclaim_takes_back_the_devices_own_leases_only(storage):
+    uid = make_user(storage)
+    storage.deliver([(uid, f"d{i}", [b"box %d" % i]) for i in range(3)], NOW)
+    assert [r.id for r in storage.claim_incoming(uid, "dev1", 2, NOW + 300, NOW)] == [
+        "d0", "d1"]
+    assert [r.id for r in storage.claim_incoming(uid, "dev2", 1, NOW + 300, NOW)] == ["d2"]
+    # dev1 restarted: its own leases come back at once; dev2's stays dev2's.
+    assert storage.claim_incoming(uid, "dev1", 10, NOW + 300, NOW + 1) == []
+    back = storage.claim_incoming(uid, "dev1", 10, NOW + 300, NOW + 1, reclaim=True)
+    assert [r.id for r in back] == ["d0", "d1"]
+    assert storage.incoming_record(uid, "dev2", "d0", NOW + 1) is None
+    # Still due times first: a put-off delivery is not taken back early.
+    assert storage.fail_incoming(uid, "dev1", "d0", NOW + 50, "cannot open")
+    again = storage.claim_incoming(uid, "dev1", 10, NOW + 300, NOW + 2, reclaim=True)
+    assert [r.id for r in again] == ["d1"]
+
+
 def test_concurrent_claims_split_the_deliveries(storage):
     uid = make_user(storage)
     storage.deliver([(uid, f"d{i:03}", [b"x"]) for i in range(60)], NOW)

@@ -91,6 +91,7 @@ class IncomingService(service.Service):
         self._running = None
         self._again = False
         self._registered = False
+        self._reclaimed = False
         self._timers = set()
         self._backoff = Backoff()
         self.imported = 0
@@ -153,7 +154,11 @@ class IncomingService(service.Service):
                 self._registered = True
             while self.running:
                 self._again = False
-                items = await client.claim_incoming(BATCH, self.lease)
+                # The first claim after start takes back what this device had
+                # claimed when it stopped (a crash mid-import), lease or not.
+                items = await client.claim_incoming(BATCH, self.lease,
+                                                    reclaim=not self._reclaimed)
+                self._reclaimed = True
                 for item in items:
                     if not self.running:
                         return

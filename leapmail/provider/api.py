@@ -985,13 +985,16 @@ class ProviderAPI:
         body = await self._body(request)
         limit = _field(body, "limit", int, "a count")
         lease = _field(body, "lease", int, "a number of seconds")
+        reclaim = body.get("reclaim", False)
+        if not isinstance(reclaim, bool):
+            raise bad("reclaim: true or false")
         if not 1 <= limit <= MAX_CLAIM:
             raise bad(f"limit: from 1 to {MAX_CLAIM}")
         if not 0 <= lease <= MAX_LEASE:
             raise bad(f"lease: from 0 to {MAX_LEASE} seconds")
         now = self._now()
         claimed = await self._thread(self.storage.claim_incoming, device.user_id,
-                                     device.device_id, limit, now + lease, now)
+                                     device.device_id, limit, now + lease, now, reclaim)
         return 200, _dumps({"incoming": [
             {"id": r.id, "size": r.size, "received": r.received, "attempts": r.attempts}
             for r in claimed]})

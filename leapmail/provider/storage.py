@@ -259,13 +259,15 @@ class IProviderStorage(Interface):
         an iterable of bytes of at most ``INCOMING_CHUNK`` each (read as it is stored).
         """
 
-    def claim_incoming(user_id, device_id, limit, lease_until, now):
+    def claim_incoming(user_id, device_id, limit, lease_until, now, reclaim=False):
         """Lease up to ``limit`` claimable deliveries to ``device_id`` until
         ``lease_until``; returns their :class:`Incoming` records, oldest first.
 
         Claimable: due (its not-before time has come) and not leased (or the lease has
         ended; the holder's own included, so a claim always makes progress).  Of two
-        devices claiming at once, each delivery goes to one of them."""
+        devices claiming at once, each delivery goes to one of them.  ``reclaim``: the
+        device's own leases count as claimable too (a restarted daemon takes back
+        what it had claimed before it stopped, instead of waiting out the lease)."""
 
     def incoming_record(user_id, device_id, delivery_id, now):
         """The :class:`Incoming` record of a delivery ``device_id`` may read (leased to
@@ -718,21 +720,23 @@ class SQLStorage:
 
     _INCOMING = "id, size, received, attempts, chunks"
 
-    def claim_incoming(self, user_id, device_id, limit, lease_until, now):
+    def claim_incoming(self, user_id, device_id, limit, lease_until, now, reclaim=False):
         now = int(now)
         claimed = []
+        # Free, or (reclaim) leased to this device already.
+        free = "(lease_until <= ? OR lease_device = ?)" if reclaim else "lease_until <= ?"
+        free_args = (now, device_id) if reclaim else (now,)
         with self._transaction(write=True) as c:
             rows = c.all(f"SELECT {self._INCOMING} FROM incoming WHERE user_id = ? "
-                         "AND not_before <= ? AND lease_until <= ? "
+                         f"AND not_before <= ? AND {free} "
                          "ORDER BY received, id LIMIT ?",
-                         (user_id, now, now, int(limit)))
+                         (user_id, now, *free_args, int(limit)))
             for row in rows:
                 # The condition again: on PostgreSQL a concurrent claim may have taken
                 # the row since the SELECT (the UPDATE waits for it, then re-checks).
                 c.execute("UPDATE incoming SET lease_device = ?, lease_until = ? "
-                          "WHERE user_id = ? AND id = ? AND not_before <= ? "
-                          "AND lease_until <= ?",
-                          (device_id, int(lease_until), user_id, row[0], now, now))
+                          f"WHERE user_id = ? AND id = ? AND not_before <= ? AND {free}",
+                          (device_id, int(lease_until), user_id, row[0], now, *free_args))
                 if c.rowcount == 1:
                     claimed.append(Incoming(*row))
         return claimed

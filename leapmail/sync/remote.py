@@ -295,10 +295,11 @@ class ProviderClient:
         await self._request(b"PUT", "/v1/incoming-key",
                             {"public_key": b64encode(public_key).decode("ascii")})
 
-    async def claim_incoming(self, limit, lease):
-        """``[{"id", "size", "received", "attempts"}]`` leased to this device."""
+    async def claim_incoming(self, limit, lease, reclaim=False):
+        """``[{"id", "size", "received", "attempts"}]`` leased to this device
+        (``reclaim``: its own earlier leases included)."""
         value = await self._request(b"POST", "/v1/incoming/claim",
-                                    {"limit": limit, "lease": lease})
+                                    {"limit": limit, "lease": lease, "reclaim": reclaim})
         items = _field(value, "incoming", list)
         for item in items:
             if not (isinstance(item, dict) and isinstance(item.get("id"), str)
