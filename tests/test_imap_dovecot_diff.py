@@ -126,3 +126,65 @@ def _where(number, ours, theirs):
     at = next(i for i, (a, b) in enumerate(zip(ours + b"\0", theirs + b"\0")) if a != b)
     return (f"message {number} at byte {at}:\n  ours:    {ours[max(0, at - 120):at + 80]!r}"
             f"\n  dovecot: {theirs[max(0, at - 120):at + 80]!r}")
+
+
+# Odd shapes where SEARCH once differed from Dovecot's: transfer encodings its decoder
+# does not know (the body is not searched), ISO-8859-1 read strictly (0x80-0x9F are
+# not windows-1252), 8-bit text without a usable charset (UTF-8, invalid bytes as
+# U+FFFD), and address fields as the envelope has them (MISSING_MAILBOX,
+# MISSING_DOMAIN, SYNTAX_ERROR filled in).
+ODD_MESSAGES = [
+    b"Subject: a\r\nContent-Transfer-Encoding: bogus\r\n\r\nHello world\r\n",
+    b"Subject: b\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nHello world\r\n",
+    b"Subject: c\r\nContent-Transfer-Encoding: base64\r\nContent-Transfer-Encoding: 8bit"
+    b"\r\n\r\nHello world\r\n",
+    b"Subject: d\r\nContent-Transfer-Encoding:\r\n\r\nHello world\r\n",
+    b"Subject: e\r\nContent-Transfer-Encoding: 7BIT (comment)\r\n\r\nHello world\r\n",
+    b"Subject: f\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    b"SGVsbG8gd29ybGQ=\r\n",
+    b"Subject: g\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nprice \x80 10 \x93q\x94"
+    b"\r\n",
+    b"Subject: h\r\nContent-Type: text/plain\r\n\r\nGr\xfc\xdfe \xc4\r\n",
+    b"Subject: i\r\nContent-Type: text/plain; charset\r\n\r\nGr\xfc\xdfe \xc4\r\n",
+    b"Subject: j\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nGr\xfc\xdfe \xc4\r\n",
+    b"Subject: k\r\nContent-Type: text/plain; charset=bogus\r\n\r\nGr\xfc\xdfe \xc4\r\n",
+    b"Subject: l\r\nContent-Type: text/plain\r\n\r\nmixed \xc3\xa4 and more\r\n",
+    b"Subject: m\r\nBcc: broken <a@b\r\n\r\nx\r\n",
+    b"Subject: n\r\nBcc: @\r\n\r\nx\r\n",
+    b"Subject: o\r\nFrom: <>\r\n\r\nx\r\n",
+    b"Subject: p\r\nFrom: nodomain\r\nTo: group:;\r\n\r\nx\r\n",
+    b"Subject: q\r\nFrom: Alice <alice@example.org>\r\nTo: a@b.c, Bob X <b@c.d>\r\n\r\nx\r\n",
+]
+ODD_SEARCHES = [
+    ("BODY", "hello"), ("BODY", "€"), ("BODY", "\u0080"), ("BODY", "“q”"),
+    ("BODY", "price"), ("BODY", "grüße"), ("BODY", "ä"), ("BODY", "gr"),
+    ("BODY", "mixed ä"), ("TEXT", "world"), ("BCC", "x"), ("BCC", "syntax"),
+    ("BCC", "missing_domain"), ("BCC", "a"), ("FROM", "@"), ("FROM", "MISSING_MAILBOX"),
+    ("FROM", "nodomain"), ("TO", "group"), ("FROM", "alice <alice@"), ("TO", "bob x"),
+    ("TO", "<b@c.d>"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_matches_dovecot_on_odd_encodings_and_addresses(imap_server, tmp_path):
+    require_dovecot()
+
+    def run(conn):
+        for raw in ODD_MESSAGES:
+            typ, data = conn.append("INBOX", None, None, raw)
+            assert typ == "OK", data
+        conn.select("INBOX")
+        found = {(key, needle): search(conn, key, needle) for key, needle in ODD_SEARCHES}
+        conn.logout()
+        return found
+
+    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
+        def run_dovecot():
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+            conn.login(dovecot.user, dovecot.password)
+            return run(conn)
+
+        theirs = await in_thread(run_dovecot)
+    ours = await in_thread(lambda: run(imap_server.imaplib()))
+    assert all(status == b"OK" for status, _ in theirs.values())
+    assert ours == theirs

@@ -794,8 +794,9 @@ _CHARSET_ALIASES = {
     "macintosh": "mac_roman",
     # Mislabelled 8-bit text is common; these fall back to UTF-8, else latin-1.
     "us-ascii": None, "ascii": None, "ansi_x3.4-1968": None,
-    # What every browser does: the C1 range of latin-1 is really windows-1252.
-    "iso-8859-1": "cp1252", "latin1": "cp1252",
+    # ISO-8859-1 as iconv (and so Dovecot's SEARCH) reads it: 0x80-0x9F are the C1
+    # controls, not windows-1252's punctuation.
+    "iso-8859-1": "latin-1", "latin1": "latin-1",
 }
 # Python codecs that are not charsets, or that do more than map bytes to text.
 _NOT_CHARSETS = {"idna", "punycode", "raw_unicode_escape", "unicode_escape",
@@ -819,14 +820,13 @@ def _codec(charset):
     return info.name
 
 
-_UTF8_SEQUENCE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
 
 
 def _decode(data, charset):
     """Text of ``data`` in ``charset``.
 
-    Unknown or missing charsets: UTF-8, with replacement characters if the data has
-    UTF-8 sequences but is not all valid, else latin-1 (every byte means something).
+    Unknown or missing charsets (US-ASCII included): UTF-8, bytes that are not valid
+    UTF-8 replaced by U+FFFD, as Dovecot's SEARCH reads them.
     """
     codec = _codec(charset)
     if codec is not None:
@@ -834,12 +834,7 @@ def _decode(data, charset):
             return data.decode(codec, "replace")
         except (LookupError, UnicodeError, TypeError, ValueError):
             pass    # a codec that is not quite a charset: fall back
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if _UTF8_SEQUENCE.search(data):
-            return data.decode("utf-8", "replace")
-        return data.decode("latin-1")
+    return data.decode("utf-8", "replace")
 
 
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]*)\?([BbQq])\?([^?\s]*)\?=")
@@ -895,19 +890,25 @@ def _decode_body(data, encoding):
     return data
 
 
+#: The transfer encodings Dovecot's message decoder knows; a body in any other one is
+#: skipped by its SEARCH (no text), and so here.
+KNOWN_ENCODINGS = frozenset({b"", b"7bit", b"8bit", b"binary", b"base64", b"quoted-printable"})
+
+
 def _mime_info(raw, ent):
-    """(transfer encoding, charset) of ``ent`` from its header, Dovecot's way."""
+    """(transfer encoding, charset) of ``ent`` from its header, Dovecot's way: the last
+    Content-Transfer-Encoding counts, as its first token, lower-cased (``b""``: none;
+    ``b"?"``: one without a token, unknown)."""
     encoding = b""
     charset = None
-    if not ent.mime:
-        return encoding, charset
     for name, value in header_fields(raw, ent.start, ent.header_end):
-        if _field_key(name) == b"content-transfer-encoding" and not encoding:
+        if _field_key(name) == b"content-transfer-encoding":
             n = len(value)
             r, i = _skip_lwsp(value, 0, n)
             r, i, tok = _token(value, i, n)
-            if r == 0 and tok:
-                encoding = tok
+            encoding = tok.lower() if r == 0 and tok else b"?"
+    if not ent.mime:
+        return encoding, charset
     for key, value in ent.params:
         if key == "charset":
             charset = value.decode("latin-1")
@@ -923,7 +924,7 @@ def search_text(raw, root):
     decoded (what SEARCH TEXT matches besides the body).  ``body`` is the decoded
     content of each text/* and message/* leaf, transfer encoding and charset undone
     (what SEARCH BODY matches); other leaves (images, archives) hold no text.
-    Nothing raises: bad encodings and unknown charsets degrade to UTF-8 or latin-1.
+    Nothing raises: bad encodings and unknown charsets degrade to UTF-8 (with U+FFFD).
     """
     raw = _as_bytes(raw)
     headers, bodies = [], []
@@ -939,6 +940,8 @@ def search_text(raw, root):
                         "latin-1").lower()
             if not e.children and content_type.startswith(("text/", "message/")):
                 encoding, charset = _mime_info(raw, e)
+                if encoding not in KNOWN_ENCODINGS:
+                    continue
                 text = _decode(_decode_body(raw[e.body_start:e.end], encoding), charset)
                 if text:
                     bodies.append(text)
@@ -954,7 +957,7 @@ def decoded_text(raw, root, *, root_header=True):
     header (the root's and every embedded message's), the file names and descriptions
     of MIME parts, and the body of each text/* leaf with its transfer encoding and
     charset undone.  Nothing raises: bad encodings and unknown charsets degrade to
-    UTF-8 or latin-1 text.
+    UTF-8 text (with U+FFFD).
     """
     raw = _as_bytes(raw)
     # Without the root header this is the text of the *body*, what SEARCH BODY means:

@@ -373,15 +373,22 @@ def header_rows(rowid, header, header_end):
     return rows
 
 
-# What can come between the parts of an address and break a substring of it: a
-# comment, a quoted part, a fold, blanks around "@".  Without any of them the header
-# text holds the addresses as they are, and parsing them would only cost time.
-_ADDRESS_NOISE = re.compile(rb'[("\\\n\r]| @|@ ')
+# An address list whose text already is what the envelope makes of it: plain
+# ``local@domain`` items, each bare or as ``Display Name <local@domain>``.  Anything
+# else (a comment, a quoted part, a fold, blanks around "@", a group, a missing
+# domain or mailbox, a broken bracket) is parsed, so that the search sees the
+# envelope's version of it, MISSING_MAILBOX/MISSING_DOMAIN/SYNTAX_ERROR included, as
+# Dovecot's does; parsing every clean one too would only cost time.
+_ATOMS = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_PLAIN_ADDRESS = _ATOMS + rb"@" + _ATOMS
+_CLEAN_ITEM = (rb"[ \t]*(?:" + _PLAIN_ADDRESS + rb"|(?:[^<>,@\"()\\;:\r\n]*?[ \t]*)?<"
+               + _PLAIN_ADDRESS + rb">)[ \t]*")
+_CLEAN_ADDRESSES = re.compile(_CLEAN_ITEM + rb"(?:," + _CLEAN_ITEM + rb")*")
 
 
 def _other_address_text(value, decoded):
     """:func:`addresses_text` of ``value`` where it says more than ``decoded`` does."""
-    if not _ADDRESS_NOISE.search(value):
+    if _CLEAN_ADDRESSES.fullmatch(value):
         return None
     addresses = addresses_text(value)
     return addresses if addresses is not None and addresses != decoded else None
