@@ -154,6 +154,9 @@ ODD_MESSAGES = [
     b"Subject: o\r\nFrom: <>\r\n\r\nx\r\n",
     b"Subject: p\r\nFrom: nodomain\r\nTo: group:;\r\n\r\nx\r\n",
     b"Subject: q\r\nFrom: Alice <alice@example.org>\r\nTo: a@b.c, Bob X <b@c.d>\r\n\r\nx\r\n",
+    # A NUL in the decoded text must not hide what follows it.
+    b"Subject: r\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\nYWIAY2Tk6WZn\r\n",
 ]
 ODD_SEARCHES = [
     ("BODY", "hello"), ("BODY", "€"), ("BODY", "\u0080"), ("BODY", "“q”"),
@@ -161,7 +164,7 @@ ODD_SEARCHES = [
     ("BODY", "mixed ä"), ("TEXT", "world"), ("BCC", "x"), ("BCC", "syntax"),
     ("BCC", "missing_domain"), ("BCC", "a"), ("FROM", "@"), ("FROM", "MISSING_MAILBOX"),
     ("FROM", "nodomain"), ("TO", "group"), ("FROM", "alice <alice@"), ("TO", "bob x"),
-    ("TO", "<b@c.d>"),
+    ("TO", "<b@c.d>"), ("BODY", "cdä"), ("BODY", "é"), ("TEXT", "cdäé"),
 ]
 
 

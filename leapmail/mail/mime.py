@@ -947,7 +947,10 @@ def search_text(raw, root):
                     bodies.append(text)
         except Exception:  # noqa: BLE001, S112 - the index must not stop at one bad part
             continue
-    return "\n".join(headers), "\n".join(bodies)
+    # SQLite ends text at a NUL in places (the trigram tokenizer, functions given the
+    # column): a NUL in a decoded body would hide everything after it from SEARCH.
+    return ("\n".join(headers).replace("\0", "\ufffd"),
+            "\n".join(bodies).replace("\0", "\ufffd"))
 
 
 def decoded_text(raw, root, *, root_header=True):
