@@ -191,3 +191,64 @@ async def test_search_matches_dovecot_on_odd_encodings_and_addresses(imap_server
     ours = await in_thread(lambda: run(imap_server.imaplib()))
     assert all(status == b"OK" for status, _ in theirs.values())
     assert ours == theirs
+
+
+ODD_ITEMS = (b"(UID RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY BODY.PEEK[HEADER] BODY.PEEK[TEXT] "
+             b"BODY.PEEK[1] BODY.PEEK[1.MIME] BODY.PEEK[2] BODY.PEEK[1.1] BODY.PEEK[2.HEADER] "
+             b"BODY.PEEK[2.TEXT] BODY.PEEK[1.2] BODY.PEEK[2.1.MIME] BODY.PEEK[1.TEXT] "
+             b"BODY.PEEK[1.HEADER] BODY.PEEK[3] BODY.PEEK[HEADER.FIELDS (FROM SUBJECT "
+             b"CONTENT-TYPE)] BODY.PEEK[HEADER.FIELDS.NOT (TO)] BODY.PEEK[]<3.40>)")
+GENERATED_SEARCHES = [
+    ("FROM", "alice"), ("FROM", "example.org"), ("FROM", "Jörg"), ("FROM", "Doe"),
+    ("TO", "john@example.com"), ("TO", "group"), ("CC", "nodomain"), ("BCC", "x"),
+    ("SUBJECT", "café"), ("SUBJECT", "Grüße"), ("SUBJECT", "folded subject"),
+    ("BODY", "hello"), ("BODY", "ä"), ("BODY", "qp text"), ("BODY", "soft break"),
+    ("TEXT", "attachment"), ("TEXT", "f.txt"), ("TEXT", "ä.txt"), ("TEXT", "€"),
+    ("HEADER Content-Type", "multipart"), ("HEADER X-Custom", ""), ("TEXT", "nul"),
+    ("BODY", "From start"), ("SENTON 12-Feb-2024", None), ("SENTSINCE 31-Dec-2024", None),
+    ("LARGER 1000", None), ("FROM", "@"), ("TO", "route"), ("FROM", "Mary"),
+    ("FROM", "raw8"), ("TEXT", "Jörg"), ("CC", "a@b.c"), ("BODY", "=C3"),
+    ("TEXT", "epilogue"), ("TEXT", "preamble"), ("BODY", "tab\there"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_generated_odd_mail_matches_dovecot(imap_server, tmp_path):
+    from odd_mail import odd_messages
+
+    require_dovecot()
+    messages = odd_messages(3, 300)
+
+    def run(conn):
+        kept = append_all(conn, messages)
+        conn.select("INBOX")
+        out = []
+        for first in range(1, len(kept) + 1, 50):
+            typ, data = conn.uid("FETCH", f"{first}:{min(len(kept), first + 49)}",
+                                 ODD_ITEMS.decode())
+            assert typ == "OK", data
+            current = b""
+            for piece in data:
+                if isinstance(piece, tuple):
+                    current += piece[0] + piece[1]
+                else:
+                    out.append(current + piece)
+                    current = b""
+        found = {(key, needle): search(conn, key, needle) for key, needle in GENERATED_SEARCHES}
+        conn.logout()
+        return kept, out, found
+
+    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
+        def run_dovecot():
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+            conn.login(dovecot.user, dovecot.password)
+            return run(conn)
+
+        theirs = await in_thread(run_dovecot)
+    ours = await in_thread(lambda: run(imap_server.imaplib()))
+    assert ours[0] == theirs[0]
+    different = [(i + 1, o, t) for i, (o, t) in enumerate(zip(ours[1], theirs[1])) if o != t]
+    assert not different, f"{len(different)} of {len(ours[1])} differ:\n" + "\n".join(
+        _where(*d) for d in different[:8])
+    assert all(status == b"OK" for status, _ in theirs[2].values())
+    assert ours[2] == theirs[2]
