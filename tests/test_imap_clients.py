@@ -755,6 +755,10 @@ async def test_examine_shows_recent(imap_server):
         assert b"* 2 RECENT" in untagged
         assert other.run(b"FETCH 1:2 FLAGS") == (b"OK", [
             b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+        # STATUS of the selected mailbox counts the session's own \Recent messages, as
+        # Dovecot does.
+        assert other.run(b"STATUS Archive (MESSAGES RECENT)") == (b"OK", [
+            b"* STATUS Archive (MESSAGES 2 RECENT 2)"])
         third = Wire(imap_server)
         _, untagged = third.run(b"EXAMINE Archive")
         assert b"* 0 RECENT" in untagged
@@ -1406,7 +1410,7 @@ async def test_imaplib_workflow(imap_server):
         assert conn.response("UNSEEN") == ("UNSEEN", [b"2"])
         # FETCH.
         typ, data = conn.fetch("1", "(FLAGS INTERNALDATE RFC822.SIZE)")
-        assert imaplib.ParseFlags(data[0]) == (b"\\Seen", b"$Tag", b"\\Recent")
+        assert imaplib.ParseFlags(data[0]) == (b"\\Seen", b"\\Recent", b"$Tag")
         assert imaplib.Internaldate2tuple(data[0])[:6] == (2024, 3, 5, 10, 11, 12) or (
             as_instant(data[0].split(b'"')[1]) == as_instant(b"05-Mar-2024 10:11:12 +0000"))
         assert b"RFC822.SIZE %d" % len(M1) in data[0]
@@ -1499,7 +1503,7 @@ async def test_imapclient_workflow(imap_server):
         # FETCH (imapclient uses UIDs).
         data = client.fetch([1, 2], ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE",
                                      "BODYSTRUCTURE", "BODY.PEEK[]"])
-        assert data[1][b"FLAGS"] == (b"\\Seen", b"$Tag", b"\\Recent")
+        assert data[1][b"FLAGS"] == (b"\\Seen", b"\\Recent", b"$Tag")
         assert data[1][b"RFC822.SIZE"] == len(M1) and data[1][b"BODY[]"] == M1
         assert data[1][b"INTERNALDATE"].replace(tzinfo=None) == when.astimezone().replace(
             tzinfo=None) or data[1][b"INTERNALDATE"] == when
@@ -1517,7 +1521,7 @@ async def test_imapclient_workflow(imap_server):
         assert client.add_flags([2, 4], [FLAGGED]) == {
             2: (b"\\Flagged", b"\\Recent"), 4: (b"\\Flagged", b"\\Recent")}
         assert client.remove_flags([4], [FLAGGED]) == {4: (b"\\Recent",)}
-        assert client.set_flags([1], [b"$Only"]) == {1: (b"$Only", b"\\Recent")}
+        assert client.set_flags([1], [b"$Only"]) == {1: (b"\\Recent", b"$Only")}
         assert client.add_flags([4], [DRAFT], silent=True) is None
         assert client.get_flags([4]) == {4: (b"\\Draft", b"\\Recent")}
         # SEARCH.

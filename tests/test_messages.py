@@ -358,7 +358,7 @@ async def test_flag_changes_carry_modseq_and_unchanged_since(account):
     changed, refused = await view.store_flags([1, 2], "add", ["\\Flagged", "$Label1"])
     assert sorted(changed) == [1, 2]
     assert [changed[1][1], changed[2][1]] == [base + 1, base + 2]
-    assert changed[1][0] == ("\\Seen", "\\Flagged", "$Label1")
+    assert changed[1][0] == ("\\Flagged", "\\Seen", "$Label1")
     changed, refused = await view.store_flags([1, 2], "remove", ["\\flagged"], unchanged_since=base + 1)
     assert list(changed) == [1] and refused == [2]
     # "set" replaces the whole list (here: drops \Seen, respells the keyword) ...

@@ -163,9 +163,14 @@ def internal_date(timestamp, tz_minutes=0):
 
 
 def flag_list(flags, recent):
+    """``(flags)``: system flags, then ``\\Recent`` if it is, then keywords (Dovecot's
+    order)."""
     words = list(flags)
     if recent:
-        words.append("\\Recent")
+        at = 0
+        while at < len(words) and words[at].startswith("\\"):
+            at += 1
+        words.insert(at, "\\Recent")
     return b"(" + " ".join(words).encode("utf-8") + b")"
 
 

@@ -869,6 +869,12 @@ class LeapIMAPServer(imap4.IMAP4Server):
 
     async def _status_line(self, name, items):
         status = await self.account.status(name)
+        view = self.view
+        if view is not None and not view.readonly and view.info.id == status["id"]:
+            # The selected mailbox: the \Recent messages this session claimed count (as
+            # Dovecot counts them), beside those no session has seen yet.  (EXAMINE
+            # claims none: they are still among the latter.)
+            status["recent"] += len(view.recent)
         status["appendlimit"] = self.factory.appendlimit
         status["highestmodseq"] = max(1, status["highestmodseq"])  # positive, as SELECT says
         values = b" ".join(b"%s %d" % (item.encode(), status[item.lower()]) for item in items)

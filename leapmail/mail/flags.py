@@ -6,6 +6,9 @@ too, as Dovecot does.  ``\\Recent`` is not a stored flag: it belongs to a sessio
 """
 
 SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = 1, 2, 4, 8, 16
+#: The order system flags are listed in, Dovecot's (its bit order): what clients and
+#: byte-for-byte comparisons see.
+_LISTED = {ANSWERED: 0, FLAGGED: 1, DELETED: 2, SEEN: 3, DRAFT: 4}
 SYSTEM = {
     "\\seen": ("\\Seen", SEEN),
     "\\answered": ("\\Answered", ANSWERED),
@@ -27,7 +30,7 @@ def normalize(flags):
             system.append(SYSTEM[key])
         else:
             keywords.append(flag)
-    system.sort(key=lambda item: item[1])
+    system.sort(key=lambda item: _LISTED[item[1]])
     return [name for name, _ in system] + keywords
 
 
@@ -44,7 +47,8 @@ def split_flags(flags):
 
 
 def join_flags(bits, keywords):
-    names = [name for name, bit in sorted(SYSTEM.values(), key=lambda v: v[1]) if bits & bit]
+    names = [name for name, bit in sorted(SYSTEM.values(), key=lambda v: _LISTED[v[1]])
+             if bits & bit]
     return names + ([k for k in keywords.split(" ") if k] if isinstance(keywords, str) else list(keywords))
 
 
