@@ -1231,12 +1231,15 @@ async def test_copy_and_move(imap_server):
         assert untagged[0].startswith(b"* OK [COPYUID ")
         copyuid = untagged[0][len(b"* OK [COPYUID "):-1].split()
         assert copyuid[1:] == [b"2:3", b"1:2"]
-        assert apply_expunges([1, 2, 3, 4], untagged[1:]) == [1, 4]
-        assert all(u.endswith(b" EXPUNGE") for u in untagged[1:]) and len(untagged) == 3
+        assert apply_expunges([1, 2, 3, 4], untagged[1:-1]) == [1, 4]
+        assert all(u.endswith(b" EXPUNGE") for u in untagged[1:-1]) and len(untagged) == 4
+        # Two of the four \Recent messages went: the count changed (RFC 3501 7.3.2).
+        assert untagged[-1] == b"* 2 RECENT"
         # UID MOVE of the last one.
         status, untagged = w.run(b"UID MOVE 4 Archive")
         assert status == b"OK"
-        assert untagged == [b"* OK [COPYUID " + copyuid[0] + b" 4 3]", b"* 2 EXPUNGE"]
+        assert untagged == [b"* OK [COPYUID " + copyuid[0] + b" 4 3]", b"* 2 EXPUNGE",
+                            b"* 1 RECENT"]
         assert w.run(b"UID MOVE 4 Archive") == (b"OK", [])
         assert w.run(b"MOVE 1 Missing") == (b"NO [TRYCREATE]", [])
         assert w.run(b"FETCH 1:* UID") == (b"OK", [b"* 1 FETCH (UID 1)"])
@@ -1268,18 +1271,18 @@ async def test_expunge_and_uid_expunge(imap_server):
         w.ok(b"STORE 2,4:5 +FLAGS.SILENT (\\Deleted)")
         status, untagged = w.run(b"EXPUNGE")
         assert status == b"OK"
-        assert len(untagged) == 3
-        assert apply_expunges([1, 2, 3, 4, 5, 6], untagged) == [1, 3, 6]
+        assert len(untagged) == 4 and untagged[-1] == b"* 3 RECENT"
+        assert apply_expunges([1, 2, 3, 4, 5, 6], untagged[:-1]) == [1, 3, 6]
         assert w.run(b"FETCH 1:* UID") == (b"OK", [
             b"* 1 FETCH (UID 1)", b"* 2 FETCH (UID 3)", b"* 3 FETCH (UID 6)"])
         # UID EXPUNGE (RFC 4315) removes only the named \Deleted messages.
         w.ok(b"STORE 1:3 +FLAGS.SILENT (\\Deleted)")
-        assert w.run(b"UID EXPUNGE 3:5") == (b"OK", [b"* 2 EXPUNGE"])
+        assert w.run(b"UID EXPUNGE 3:5") == (b"OK", [b"* 2 EXPUNGE", b"* 2 RECENT"])
         assert w.run(b"UID EXPUNGE 2") == (b"OK", [])
         assert w.run(b"FETCH 1:* (UID FLAGS)") == (b"OK", [
             b"* 1 FETCH (UID 1 FLAGS (\\Deleted \\Recent))",
             b"* 2 FETCH (UID 6 FLAGS (\\Deleted \\Recent))"])
-        assert w.run(b"EXPUNGE") == (b"OK", [b"* 1 EXPUNGE", b"* 1 EXPUNGE"])
+        assert w.run(b"EXPUNGE") == (b"OK", [b"* 1 EXPUNGE", b"* 1 EXPUNGE", b"* 0 RECENT"])
         assert w.run(b"EXPUNGE") == (b"OK", [])
         assert w.run(b"UID EXPUNGE")[0].startswith(b"BAD")
         _, untagged = w.run(b"STATUS INBOX (MESSAGES UIDNEXT)")

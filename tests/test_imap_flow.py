@@ -91,7 +91,8 @@ async def test_vanished_comes_before_fetches_numbered_after_it(imap_server):
 
     lines = await in_thread(client)
     assert [line.split(b" FLAGS")[0] for line in lines] == [
-        b"* 2 FETCH (UID 2", b"* VANISHED 2\r\n", b"* 2 FETCH (UID 3", b"n OK NOOP completed\r\n"]
+        b"* 2 FETCH (UID 2", b"* VANISHED 2\r\n", b"* 2 FETCH (UID 3", b"* 2 RECENT\r\n",
+        b"n OK NOOP completed\r\n"]
 
 
 @pytest_twisted.ensureDeferred

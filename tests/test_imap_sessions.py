@@ -129,7 +129,7 @@ async def test_idle_hears_exists_flags_and_expunge_at_once(imap_server):
         news = b.read_response()
         assert news.startswith(b"* 1 FETCH ("), news  # the \Deleted flag first
         assert fetch_items(news.split(b" ", 3)[3])[b"FLAGS"] == [b"\\Deleted"]
-        assert a.run(b"EXPUNGE") == (b"OK", [b"* 1 EXPUNGE"])
+        assert a.run(b"EXPUNGE") == (b"OK", [b"* 1 EXPUNGE", b"* 3 RECENT"])
         assert b.read_response() == b"* 1 EXPUNGE"
         known.apply([b"* 1 EXPUNGE"])
 
@@ -152,7 +152,7 @@ async def test_expunge_waits_for_a_command_that_may_carry_it(imap_server):
         a, b = setup_inbox(imap_server, [M1, M2, M3, M4])
         known = Known([1, 2, 3, 4])
         assert a.run(b"STORE 2 +FLAGS.SILENT (\\Deleted)") == (b"OK", [])
-        assert a.run(b"EXPUNGE") == (b"OK", [b"* 2 EXPUNGE"])
+        assert a.run(b"EXPUNGE") == (b"OK", [b"* 2 EXPUNGE", b"* 3 RECENT"])
 
         # B still numbers 4 messages: FETCH, STORE and SEARCH say nothing of the
         # expunge, and whatever they return uses B's numbering.
@@ -233,8 +233,8 @@ async def test_sequence_numbers_stay_coherent(imap_server):
                 a.ok(b"UID STORE " + uid_set + b" +FLAGS.SILENT (\\Deleted)")
                 untagged = a.ok(b"UID EXPUNGE " + uid_set)
                 for response in untagged:
-                    n = int(response.split()[1])
-                    del server_uids[n - 1]
+                    if response.endswith(b" EXPUNGE"):
+                        del server_uids[int(response.split()[1]) - 1]
                 assert not set(victims) & set(server_uids)
             else:
                 uid = rng.choice(server_uids)

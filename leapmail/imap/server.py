@@ -424,6 +424,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                     vanished = []
                 out.append(b"* %d EXISTS\r\n" % update.count)
                 out.append(b"* %d RECENT\r\n" % len(view.recent))
+                self._recent_said = len(view.recent)
             elif update.kind == "flags":
                 if silenced is not None and silenced.get(update.uid) == update.modseq:
                     continue
@@ -439,6 +440,11 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 out.append(line + b")\r\n")
         if vanished:
             out.append(b"* VANISHED " + _compress(vanished) + b"\r\n")
+        if len(view.recent) != getattr(self, "_recent_said", None):
+            # \Recent messages expunged: the mailbox's size changed, and with it the
+            # count the client was last told (RFC 3501 7.3.2; Dovecot says it too).
+            self._recent_said = len(view.recent)
+            out.append(b"* %d RECENT\r\n" % self._recent_said)
         self._write(b"".join(out))
 
     def _close_mailbox(self):
@@ -677,6 +683,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                        + b")] Flags permitted\r\n")
         out.append(b"* %d EXISTS\r\n" % view.exists)
         out.append(b"* %d RECENT\r\n" % len(view.recent))
+        self._recent_said = len(view.recent)
         if overview["first_unseen"] is not None:
             seq = view.seq_of(overview["first_unseen"])
             if seq is not None:
