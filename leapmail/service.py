@@ -12,11 +12,8 @@ import ipaddress
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
-from zope.interface import implementer
 
 from leapmail.errors import LeapmailError
 from leapmail.home import Home, default_home
@@ -25,9 +22,10 @@ from leapmail.passphrase import read_passphrase
 from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
 from leapmail.twistd import (
+    ConnectionTracker,
     StartError,
     host_port,
-    listen_failure,
+    listen,
     parse_address,
     parse_port,
     report_start_errors,
@@ -183,19 +181,11 @@ class IMAPService(service.Service):
         factory = IMAPServerFactory(
             account, self._username, self._password, context_factory=self._context_factory
         )
-        self._connections = _ConnectionTracker(factory, reactor)
-        where = host_port(self.interface, self.requested_port)
-        try:
-            self.port = reactor.listenTCP(
-                self.requested_port, self._connections, interface=self.interface
-            )
-        except CannotListenError as e:
-            message = f"cannot listen on {where}: {listen_failure(e)}"
-            self.log.error("{message}", message=message)
-            raise StartError(message) from None
+        self._connections = ConnectionTracker(factory, reactor)
+        self.port = listen(reactor, "IMAP", self.interface, self.requested_port,
+                           self._connections, self.log)
         service.Service.startService(self)
         bound = self.port.getHost()
-        self.log.info("IMAP listening on {address}", address=host_port(bound.host, bound.port))
         if not ipaddress.ip_address(bound.host).is_loopback:
             self.log.warn(
                 "IMAP is reachable from other machines on {address}; mail clients there "
@@ -209,81 +199,6 @@ class IMAPService(service.Service):
             yield port.stopListening()
         if self._connections is not None:
             yield self._connections.close_all(CLOSE_GRACE_SECONDS)
-
-
-@implementer(IProtocolFactory, ILoggingContext)
-class _ConnectionTracker:
-    """Stands in for the IMAP server factory towards ``listenTCP``, remembering every
-    connection, so that shutdown can close them before the store goes away.
-
-    The protocol objects are the factory's own, untouched in their transport: only
-    their ``connectionLost`` is observed.
-    """
-
-    def __init__(self, factory, reactor):
-        self.factory = factory
-        self._reactor = reactor
-        self._live = set()
-        self._all_gone = []
-
-    def logPrefix(self):
-        # Twisted names the listening port after this; name it after the real server.
-        if ILoggingContext.providedBy(self.factory):
-            return self.factory.logPrefix()
-        return self.factory.__class__.__name__
-
-    def doStart(self):
-        self.factory.doStart()
-
-    def doStop(self):
-        self.factory.doStop()
-
-    def buildProtocol(self, addr):
-        protocol = self.factory.buildProtocol(addr)
-        if protocol is None:
-            return None
-        self._live.add(protocol)
-        lost = protocol.connectionLost
-
-        def connectionLost(reason):
-            try:
-                return lost(reason)
-            finally:
-                self._live.discard(protocol)
-                if not self._live:
-                    waiting, self._all_gone = self._all_gone, []
-                    for d in waiting:
-                        d.callback(None)
-
-        protocol.connectionLost = connectionLost
-        return protocol
-
-    def _wait(self):
-        if not self._live:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._all_gone.append(d)
-        return d
-
-    @defer.inlineCallbacks
-    def close_all(self, grace):
-        for protocol in list(self._live):
-            shutdown = getattr(protocol, "shutdown", None)
-            if shutdown is not None:
-                shutdown()  # says BYE first (RFC 3501 7.1.5)
-            else:
-                protocol.transport.loseConnection()
-        gone = self._wait()
-        timer = self._reactor.callLater(grace, self._abort_all)
-        try:
-            yield gone
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    def _abort_all(self):
-        for protocol in list(self._live):
-            protocol.transport.abortConnection()
 
 
 def _login_key(home, passphrase):

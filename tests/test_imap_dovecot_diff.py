@@ -57,12 +57,12 @@ def searches(conn):
     return {(key, needle): search(conn, key, needle) for key, needle in SEARCHES}
 
 
-def responses(conn, count):
+def responses(conn, count, items=ITEMS):
     """Each message's FETCH response as one bytes value, literals inline."""
     out = []
     for first in range(1, count + 1, 50):
         last = min(count, first + 49)
-        typ, data = conn.uid("FETCH", f"{first}:{last}", ITEMS.decode())
+        typ, data = conn.uid("FETCH", f"{first}:{last}", items.decode())
         assert typ == "OK", data
         current = b""
         for piece in data:
@@ -222,18 +222,7 @@ async def test_generated_odd_mail_matches_dovecot(imap_server, tmp_path):
     def run(conn):
         kept = append_all(conn, messages)
         conn.select("INBOX")
-        out = []
-        for first in range(1, len(kept) + 1, 50):
-            typ, data = conn.uid("FETCH", f"{first}:{min(len(kept), first + 49)}",
-                                 ODD_ITEMS.decode())
-            assert typ == "OK", data
-            current = b""
-            for piece in data:
-                if isinstance(piece, tuple):
-                    current += piece[0] + piece[1]
-                else:
-                    out.append(current + piece)
-                    current = b""
+        out = responses(conn, len(kept), ODD_ITEMS)
         found = {(key, needle): search(conn, key, needle) for key, needle in GENERATED_SEARCHES}
         conn.logout()
         return kept, out, found

@@ -20,6 +20,7 @@ from leapmail.provider.storage import open_storage
 from leapmail_daemon import LeapmailDaemon
 from provider_process import ProviderProcess
 from test_sync import provider_bytes
+from polling import wait_for
 
 ADDRESS = "bob@example.org"
 PASSPHRASE = "correct horse battery staple"
@@ -86,15 +87,6 @@ def bodies(daemon):
         client.logout()
 
 
-def wait_for(condition, what, deadline=DEADLINE):
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_smtplib_and_swaks_mail_reaches_an_idle_client_sealed_at_rest(provider, tmp_path, request):

@@ -21,10 +21,10 @@ import pytest
 
 from leapmail_daemon import BIN, HERE, LeapmailDaemon, TwistdProcess
 from provider_process import ProviderProcess
+from polling import wait_for
 
 ALICE = "alice@example.org"
 PASSPHRASE = "correct horse battery staple"
-DEADLINE = 60
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
     b"To: Bob <bob@elsewhere.test>\r\n"
@@ -63,15 +63,6 @@ class SinkProcess(TwistdProcess):
         return found
 
 
-def wait_until(condition, what, deadline=DEADLINE):
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -187,14 +178,14 @@ def test_msmtp_through_the_daemon_and_provider_to_a_smarthost_with_a_sent_copy(
     try:
         result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
         assert result.returncode == 0, result.stderr
-        got = wait_until(sink.messages, "the message at the smarthost")
+        got = wait_for(sink.messages, "the message at the smarthost")
         assert list(got) == ["0001-bob@elsewhere.test.eml"]
         data = got["0001-bob@elsewhere.test.eml"]
         # Exactly the client's bytes, after the provider's one trace field.
         assert data.endswith(MESSAGE)
         assert TRACE.match(data[:-len(MESSAGE)]), data[:-len(MESSAGE)]
-        assert wait_until(lambda: mailbox(alice, "Sent"), "the Sent copy") == [MESSAGE]
-        wait_until(lambda: queued(alice) == 0, "an empty outbox")
+        assert wait_for(lambda: mailbox(alice, "Sent"), "the Sent copy") == [MESSAGE]
+        wait_for(lambda: queued(alice) == 0, "an empty outbox")
         assert len(sink.messages()) == 1
         assert mailbox(alice, "INBOX") == []
     finally:
@@ -204,8 +195,8 @@ def test_msmtp_through_the_daemon_and_provider_to_a_smarthost_with_a_sent_copy(
 def test_without_save_sent_nothing_goes_into_sent(alice, sink, tmp_path):
     result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
     assert result.returncode == 0, result.stderr
-    wait_until(sink.messages, "the message at the smarthost")
-    wait_until(lambda: queued(alice) == 0, "an empty outbox")
+    wait_for(sink.messages, "the message at the smarthost")
+    wait_for(lambda: queued(alice) == 0, "an empty outbox")
     assert mailbox(alice, "Sent") == []
 
 
@@ -215,13 +206,13 @@ def test_provider_down_the_message_stays_queued_across_a_crash(provider, sink, t
         provider.stop()
         result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
         assert result.returncode == 0, result.stderr
-        wait_until(lambda: queued(alice) == 1, "the status to show one queued message")
+        wait_for(lambda: queued(alice) == 1, "the status to show one queued message")
         assert re.search(r"^relay: +.*cannot connect", status(alice), re.M), status(alice)
         alice.kill()  # a crash: the 250 was given, so the message must survive it
         provider.start()
         alice.start()
-        got = wait_until(sink.messages, "the message at the smarthost")
-        wait_until(lambda: queued(alice) == 0, "an empty outbox")
+        got = wait_for(sink.messages, "the message at the smarthost")
+        wait_for(lambda: queued(alice) == 0, "an empty outbox")
         assert list(sink.messages()) == list(got) == ["0001-bob@elsewhere.test.eml"]
         assert sink.messages()["0001-bob@elsewhere.test.eml"].endswith(MESSAGE)
     finally:
@@ -234,10 +225,10 @@ def test_a_refused_recipient_gets_one_bounce_and_the_others_the_message(alice, s
     # at RCPT); bob@elsewhere.test goes through the smarthost.
     result = msmtp(alice, tmp_path, ["nobody@example.org", "bob@elsewhere.test"], MESSAGE)
     assert result.returncode == 0, result.stderr
-    got = wait_until(sink.messages, "the message at the smarthost")
+    got = wait_for(sink.messages, "the message at the smarthost")
     assert list(got) == ["0001-bob@elsewhere.test.eml"]
-    inbox = wait_until(lambda: mailbox(alice, "INBOX"), "the bounce")
-    wait_until(lambda: queued(alice) == 0, "an empty outbox")
+    inbox = wait_for(lambda: mailbox(alice, "INBOX"), "the bounce")
+    wait_for(lambda: queued(alice) == 0, "an empty outbox")
     inbox = mailbox(alice, "INBOX")
     assert len(inbox) == 1
     bounce = inbox[0]
@@ -254,8 +245,8 @@ def test_a_refused_recipient_gets_one_bounce_and_the_others_the_message(alice, s
 def test_a_smarthost_refusal_bounces_every_recipient_once(alice, sink, tmp_path):
     result = msmtp(alice, tmp_path, ["reject-me@elsewhere.test"], MESSAGE)
     assert result.returncode == 0, result.stderr
-    inbox = wait_until(lambda: mailbox(alice, "INBOX"), "the bounce")
-    wait_until(lambda: queued(alice) == 0, "an empty outbox")
+    inbox = wait_for(lambda: mailbox(alice, "INBOX"), "the bounce")
+    wait_for(lambda: queued(alice) == 0, "an empty outbox")
     inbox = mailbox(alice, "INBOX")
     assert len(inbox) == 1
     assert b"Final-Recipient: rfc822; reject-me@elsewhere.test\r\n" in inbox[0]
@@ -347,8 +338,8 @@ def test_local_smtp_bounds_and_drops(alice, sink, tmp_path):
     sock.close()
     result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
     assert result.returncode == 0, result.stderr
-    wait_until(sink.messages, "the message at the smarthost")
-    wait_until(lambda: queued(alice) == 0, "an empty outbox")
+    wait_for(sink.messages, "the message at the smarthost")
+    wait_for(lambda: queued(alice) == 0, "an empty outbox")
     assert list(sink.messages()) == ["0001-bob@elsewhere.test.eml"]
 
 
@@ -371,7 +362,7 @@ def test_an_oversized_message_is_refused_and_not_queued(alice, sink):
     # Nothing was queued: a restart's relay run finds nothing to send.
     alice.stop()
     alice.start()
-    wait_until(lambda: queued(alice) == 0, "the relay's status after the restart")
+    wait_for(lambda: queued(alice) == 0, "the relay's status after the restart")
     assert sink.messages() == {}
 
 
@@ -535,7 +526,7 @@ def test_a_big_message_arrives_byte_exact(alice, sink):
         assert client.sendmail(ALICE, ["bob@elsewhere.test"], message) == {}
     finally:
         client.quit()
-    got = wait_until(sink.messages, "the message at the smarthost")
+    got = wait_for(sink.messages, "the message at the smarthost")
     data = got["0001-bob@elsewhere.test.eml"]
     assert data.endswith(message)
     assert TRACE.match(data[:-len(message)])
@@ -553,7 +544,7 @@ def test_a_token_the_provider_refuses_is_replaced_and_the_mail_still_goes(alice,
     result = msmtp(alice, tmp_path, ["bob@elsewhere.test"], MESSAGE)
     assert result.returncode == 0, result.stderr
     # Well within the sync loop's long poll (25 s): the relay logged in by itself.
-    got = wait_until(sink.messages, "the message at the smarthost", deadline=15)
+    got = wait_for(sink.messages, "the message at the smarthost", deadline=15)
     assert list(got) == ["0001-bob@elsewhere.test.eml"]
     assert "logged in to the provider again (new device token)" in alice.log_text()
 
@@ -577,7 +568,7 @@ def test_a_40_mb_message_is_queued_without_being_held_in_memory(alice, provider)
     # The message streams into the outbox a piece at a time: the daemon's peak grows
     # by a few pieces and chunks, not by the message.
     assert peak - before < 16 * 1024 * 1024, (before, peak)
-    wait_until(lambda: queued(alice) == 1, "the status to show the message queued")
+    wait_for(lambda: queued(alice) == 1, "the status to show the message queued")
 
 
 def test_alice_sends_with_msmtp_and_bob_finds_it_in_his_inbox(provider, tmp_path):
@@ -590,11 +581,11 @@ def test_alice_sends_with_msmtp_and_bob_finds_it_in_his_inbox(provider, tmp_path
         message = MESSAGE.replace(b"bob@elsewhere.test", b"bob@example.org")
         result = msmtp(alice, tmp_path, ["bob@example.org"], message)
         assert result.returncode == 0, result.stderr
-        [got] = wait_until(lambda: mailbox(bob, "INBOX"), "the message in Bob's INBOX")
+        [got] = wait_for(lambda: mailbox(bob, "INBOX"), "the message in Bob's INBOX")
         # Exactly what msmtp sent, after the provider's one trace field.
         assert got.endswith(message)
         assert TRACE.match(got[:-len(message)]), got[:-len(message)]
-        wait_until(lambda: queued(alice) == 0, "Alice's empty outbox")
+        wait_for(lambda: queued(alice) == 0, "Alice's empty outbox")
         assert mailbox(bob, "INBOX") == [got]
         assert mailbox(alice, "INBOX") == []
     finally:

@@ -17,8 +17,8 @@ import pytest
 from leapmail_daemon import BIN
 from provider_process import ProviderProcess
 from test_sync import ADDRESS, by_subject, connect, first_device, note, other_device
+from polling import wait_for
 
-DEADLINE = 60
 
 
 @pytest.fixture
@@ -38,15 +38,6 @@ def status(daemon):
         return {}
 
 
-def wait_for(condition, what, deadline=DEADLINE):
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def provider_db(provider):

@@ -151,6 +151,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self.factory = factory
         self.portal = factory.portal
         self.view = None
+        # The \Recent count the client was last told (SELECT, EXISTS, expunges).
+        self._recent_said = None
         self.condstore = False
         self.qresync = False
         self._queue = deque()
@@ -440,7 +442,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 out.append(line + b")\r\n")
         if vanished:
             out.append(b"* VANISHED " + _compress(vanished) + b"\r\n")
-        if len(view.recent) != getattr(self, "_recent_said", None):
+        if len(view.recent) != self._recent_said:
             # \Recent messages expunged: the mailbox's size changed, and with it the
             # count the client was last told (RFC 3501 7.3.2; Dovecot says it too).
             self._recent_said = len(view.recent)

@@ -61,6 +61,7 @@ class MXProtocol(smtp.ESMTP):
         self._data_error = None
         self._errors = 0
         self._closing = False
+        self._cut_after_starttls = False
 
     # -- ordering: one command at a time -------------------------------------------
 
@@ -69,7 +70,7 @@ class MXProtocol(smtp.ESMTP):
         super().dataReceived(data)
 
     def lineReceived(self, line):
-        if getattr(self, "_cut_after_starttls", False):
+        if self._cut_after_starttls:
             return
         if self._busy or self._queue:
             self._queue.append(line)

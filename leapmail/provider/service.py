@@ -27,7 +27,6 @@ import re
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -35,8 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from leapmail.errors import LeapmailError
 from leapmail.twistd import (
     StartError,
-    host_port,
-    listen_failure,
+    listen,
     parse_address,
     parse_port,
     report_start_errors,
@@ -188,19 +186,9 @@ class ProviderService(service.Service):
         if self.mx_port is not None:
             self.mx = self._listen(reactor, "MX", self.mx_port,
                                    lambda: self._mx_factory(), tls=False)
-        where = host_port(self.interface, self.requested_port)
-        try:
-            self.port = reactor.listenSSL(self.requested_port, self.api.site(), self.tls,
-                                          interface=self.interface)
-        except CannotListenError as e:
-            self._shutdown()
-            message = f"cannot listen on {where}: {listen_failure(e)}"
-            self.log.error("{message}", message=message)
-            raise StartError(message) from None
+        self.port = self._listen(reactor, "Provider", self.requested_port, self.api.site,
+                                 tls=True)
         service.Service.startService(self)
-        bound = self.port.getHost()
-        self.log.info("Provider listening on {address}",
-                      address=host_port(bound.host, bound.port))
 
     def _mx_factory(self):
         from leapmail.provider.mx import MXFactory
@@ -208,22 +196,14 @@ class ProviderService(service.Service):
         return MXFactory(self.intake, tls=self.tls)
 
     def _listen(self, reactor, name, port, factory, tls):
-        """Listen on ``port`` of the interface with ``factory()`` and log
-        ``NAME listening on HOST:PORT`` (the port bound, which tests read)."""
+        """:func:`leapmail.twistd.listen` on the provider's interface with
+        ``factory()``; what started is shut down again if the port cannot be had."""
         try:
-            if tls:
-                listening = reactor.listenSSL(port, factory(), self.tls, interface=self.interface)
-            else:
-                listening = reactor.listenTCP(port, factory(), interface=self.interface)
-        except CannotListenError as e:
+            return listen(reactor, name, self.interface, port, factory(), self.log,
+                          self.tls if tls else None)
+        except StartError:
             self._shutdown()
-            message = f"cannot listen on {host_port(self.interface, port)}: {listen_failure(e)}"
-            self.log.error("{message}", message=message)
-            raise StartError(message) from None
-        bound = listening.getHost()
-        self.log.info("{name} listening on {address}", name=name,
-                      address=host_port(bound.host, bound.port))
-        return listening
+            raise
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -29,7 +29,6 @@ import time
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
@@ -37,7 +36,7 @@ from twisted.mail.smtp import rfc822date
 from leapmail.provider.api import device_of_token
 from leapmail.smtp.client import SMTPClientError, SMTPConnection
 from leapmail.smtp.protocol import Backend, Reply, SMTPServer
-from leapmail.twistd import StartError, host_port, listen_failure
+from leapmail.twistd import ConnectionTracker, listen
 
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024
 MAX_RECIPIENTS = 100
@@ -263,7 +262,7 @@ class SubmissionService(service.Service):
         self._intake_factory = intake_factory
         self._reactor = reactor
         self.port = None
-        self._connections = set()
+        self._connections = None
 
     def startService(self):
         reactor = self._reactor
@@ -282,32 +281,13 @@ class SubmissionService(service.Service):
         backend = SubmissionBackend(self.provider.storage, run, self.hostname, spool_dir,
                                     intake=intake, smarthost=self.smarthost, reactor=reactor)
         factory = protocol.ServerFactory()
-        owner = self
-
-        class Server(SMTPServer):
-            def connectionMade(self):
-                owner._connections.add(self)
-                super().connectionMade()
-
-            def connectionLost(self, reason=None):
-                owner._connections.discard(self)
-                super().connectionLost(reason)
-
-        factory.buildProtocol = lambda addr: Server(
+        factory.buildProtocol = lambda addr: SMTPServer(
             backend, self.hostname, tls=self.tls, require_tls=True, max_size=self.max_size,
             max_recipients=MAX_RECIPIENTS)
-        where = host_port(self.interface, self.requested_port)
-        try:
-            self.port = reactor.listenTCP(self.requested_port, factory,
-                                          interface=self.interface)
-        except CannotListenError as e:
-            message = f"cannot listen on {where}: {listen_failure(e)}"
-            self.log.error("{message}", message=message)
-            raise StartError(message) from None
+        self._connections = ConnectionTracker(factory, reactor)
+        self.port = listen(reactor, "submission", self.interface, self.requested_port,
+                           self._connections, self.log)
         service.Service.startService(self)
-        bound = self.port.getHost()
-        self.log.info("submission listening on {address}",
-                      address=host_port(bound.host, bound.port))
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -315,5 +295,5 @@ class SubmissionService(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
-        for proto in list(self._connections):
-            proto.transport.abortConnection()
+        if self._connections is not None:
+            yield self._connections.close_all(0)

@@ -12,11 +12,10 @@ import ipaddress
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from leapmail.smtp.protocol import Backend, Reply, SMTPServer
-from leapmail.twistd import StartError, host_port, listen_failure
+from leapmail.twistd import ConnectionTracker, StartError, host_port, listen
 
 #: Recipients in one message.
 MAX_RECIPIENTS = 100
@@ -91,7 +90,7 @@ class SMTPService(service.Service):
         self._reactor = reactor
         self.port = None
         self.relay = None
-        self._connections = set()
+        self._connections = None
 
     def __repr__(self):
         return f"<SMTPService {host_port(self.interface, self.requested_port)}>"
@@ -110,18 +109,10 @@ class SMTPService(service.Service):
             self.relay = self._relay_factory(outbox, self._store_service.account)
         backend = OutboxBackend(self.address, self._password, outbox, self.relay)
         loopback = ipaddress.ip_address(self.interface).is_loopback
-        factory = _Factory(self, backend, loopback)
-        where = host_port(self.interface, self.requested_port)
-        try:
-            self.port = reactor.listenTCP(self.requested_port, factory,
-                                          interface=self.interface)
-        except CannotListenError as e:
-            message = f"cannot listen on {where}: {listen_failure(e)}"
-            self.log.error("{message}", message=message)
-            raise StartError(message) from None
+        self._connections = ConnectionTracker(_Factory(self, backend, loopback), reactor)
+        self.port = listen(reactor, "SMTP", self.interface, self.requested_port,
+                           self._connections, self.log)
         service.Service.startService(self)
-        bound = self.port.getHost()
-        self.log.info("SMTP listening on {address}", address=host_port(bound.host, bound.port))
         if self.relay is not None:
             self.relay.start()
 
@@ -131,8 +122,9 @@ class SMTPService(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
-        for proto in list(self._connections):
-            proto.transport.abortConnection()
+        if self._connections is not None:
+            # At once: a message not yet answered 250 is still the client's to send.
+            yield self._connections.close_all(0)
         if self.relay is not None:
             yield self.relay.stop()
 
@@ -145,18 +137,6 @@ class _Factory(protocol.ServerFactory):
 
     def buildProtocol(self, addr):
         # Off loopback the password must not cross the network in the clear.
-        proto = _TrackedServer(self.backend, "localhost", tls=self.owner._tls,
-                               require_tls=not self.loopback, max_size=MAX_SIZE,
-                               max_recipients=MAX_RECIPIENTS)
-        proto.owner = self.owner
-        return proto
-
-
-class _TrackedServer(SMTPServer):
-    def connectionMade(self):
-        self.owner._connections.add(self)
-        super().connectionMade()
-
-    def connectionLost(self, reason=None):
-        self.owner._connections.discard(self)
-        super().connectionLost(reason)
+        return SMTPServer(self.backend, "localhost", tls=self.owner._tls,
+                          require_tls=not self.loopback, max_size=MAX_SIZE,
+                          max_recipients=MAX_RECIPIENTS)
