@@ -10,8 +10,13 @@ The VM this runs on is noisy, so variants are best compared side by side:
 with those environment variables (``PYTHONPATH=/some/worktree`` runs other code), and
 the rounds alternate between the daemons so that a busy moment hits all of them.
 
+``--cache cold`` drops the store's files (database, log, read cache) from the OS page
+cache before each round, ``--cache warm`` reads them all in: the two ends of what a
+round may meet (the default leaves it to the kernel).
+
 Usage: ``.venv/bin/python bench/bench_body_fetch.py [--messages N] [--rounds R]
-[--home DIR] [--variant NAME=VAR=VALUE,...]... [--profile OUT [--native] [--gil]]``.
+[--home DIR] [--cache as-is|cold|warm] [--variant NAME=VAR=VALUE,...]...
+[--profile OUT [--native] [--gil]]``.
 The home is built once and kept (delete it after a change of the stored format);
 ``--profile`` runs perf (``OUT.perf``) or py-spy (``.txt``: raw stacks, else an SVG)
 on the (first) daemon during the rounds.
@@ -106,6 +111,9 @@ def main():
     parser.add_argument("--native", action="store_true", help="py-spy: with C frames")
     parser.add_argument("--gil", action="store_true",
                         help="py-spy: only the thread holding the GIL")
+    parser.add_argument("--cache", choices=("as-is", "cold", "warm"), default="as-is",
+                        help="before each round, drop the store from the OS page cache "
+                        "(cold) or read it all in (warm); as-is: leave it to the kernel")
     args = parser.parse_args()
 
     if not os.path.exists(os.path.join(args.home, "store.db")):
@@ -136,6 +144,7 @@ def main():
             # Alternate which variant goes first, too.
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
+                _set_cache(v.home, args.cache)
                 v.round(r, args.count, appended)
     finally:
         if spy is not None:
@@ -156,6 +165,25 @@ def _profiler(args, pid):
         command += ["--native"] * args.native + ["--gil"] * args.gil
         command += ["--format", "raw"] if args.profile.endswith(".txt") else []
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _set_cache(home, state):
+    """Put the store's files in the OS page cache (warm) or out of it (cold)."""
+    if state == "as-is":
+        return
+    for name in ("store.db", "store.db-wal", "store.cache"):
+        path = os.path.join(home, name)
+        if not os.path.exists(path):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if state == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 1 << 20):
+                    pass
+        finally:
+            os.close(fd)
 
 
 def _cpu_seconds(pid):

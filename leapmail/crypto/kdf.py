@@ -83,6 +83,15 @@ def derive(passphrase, params, length=32):
     )
 
 
+def subkey(key, label, length=32):
+    """A key for one purpose, ``label`` (bytes), derived from ``key`` (HKDF-SHA256): keys
+    of different labels are independent, and none reveals ``key``."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(key)
+
+
 def derive_login_key(passphrase, params):
     """The key a device logs in to its provider with.
 
@@ -90,8 +99,4 @@ def derive_login_key(passphrase, params):
     provider, which sees this key at every login and stores its SHA-256, learns nothing
     that opens the secrets bundle.
     """
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"leapmail provider login v1").derive(derive(passphrase, params))
+    return subkey(derive(passphrase, params), b"leapmail provider login v1")

@@ -34,10 +34,9 @@ from base64 import urlsafe_b64encode
 from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from leapmail.crypto.kdf import subkey
 from leapmail.errors import LeapmailError
 
 VERSION = 1
@@ -52,8 +51,7 @@ class WireError(LeapmailError):
     """A sealed document that does not open: tampered, misplaced, or not ours."""
 
 
-def _hkdf(key, info, length=32):
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+_hkdf = subkey
 
 
 def padme(length):

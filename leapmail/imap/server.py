@@ -1065,6 +1065,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
                     newly_seen.update(changed)
         want_content = fetchlib.needs_content(items)
         with_header = fetchlib.header_only(items)
+        with_cache = fetchlib.whole_only(items)
         recent = set(view.recent)
         seq_of = view.seq_of
 
@@ -1085,7 +1086,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             if carried is not None and carried[1] == generation:
                 metas = carried[0]
             else:
-                metas = read_meta(queries, mailbox_id, batch, with_header)
+                metas = read_meta(queries, mailbox_id, batch, with_header, with_cache)
             rest = None
             if ahead == 1:
                 keep = fetchlib.within_budget(metas)

@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 from hashlib import sha256
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.logger import Logger
 
-from leapmail.mail import codec, flags as flaglib, names
+from leapmail.mail import bodycache, codec, flags as flaglib, names
 from leapmail.mail.clock import CLOCK
 from leapmail.mail.errors import (
     CannotDeleteInbox,
@@ -29,6 +30,7 @@ from leapmail.mail.schema import (
 )
 from leapmail.mail.session import MailboxView
 from leapmail.mail.textindex import TextIndexer
+from leapmail.store.errors import StoreClosed
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,13 @@ def _put_mailbox(txn, keyed, name, role=None):
 class Account:
     """The mail of one account.  ``id_key`` keys the HMACs that name content documents."""
 
+    log = Logger()
+
     def __init__(self, store, id_key):
         self.store = store
         self._id_key = id_key
+        self._closed = False
+        self._cache_filling = None
         self._views = {}
         self._recent_floor = {}
         self._unsubscribe = store.subscribe(self._on_events)
@@ -90,6 +96,7 @@ class Account:
         self.text_indexer.kick(added=0)  # resume what a previous run left queued
 
     def close(self):
+        self._closed = True
         self._unsubscribe()
         self.text_indexer.close()
         for views in self._views.values():
@@ -103,8 +110,24 @@ class Account:
     # -- mailboxes -------------------------------------------------------------------
 
     async def setup(self):
-        """Create INBOX and the special-use mailboxes if missing (idempotent)."""
+        """Create INBOX and the special-use mailboxes if missing (idempotent); check
+        the read cache and start copying into it what it lacks."""
         await self.store.transact(setup_mailboxes, self.keyed_id)
+        outcome = await self.store.transact(bodycache.check)
+        if outcome is not None:
+            self.log.info("message cache {outcome}", outcome=outcome)
+        if self._cache_filling is None:
+            self._cache_filling = defer.ensureDeferred(self._fill_cache())
+            self._cache_filling.addErrback(
+                lambda f: self.log.failure("could not fill the message cache", f))
+
+    async def _fill_cache(self):
+        # One batch at a time: other writes queue between them, not behind all of them.
+        try:
+            while not self._closed and await self.store.transact(bodycache.fill):
+                pass
+        except StoreClosed:
+            pass
 
     async def mailboxes(self):
         rows = await self.store.read(

@@ -208,7 +208,7 @@ class Content:
     @property
     def part_ids(self):
         """The ids of the part documents this message needs (none when it is whole)."""
-        return self._value["parts"]
+        return () if self.raw is not None else self._value["parts"]
 
     @property
     def tree(self):

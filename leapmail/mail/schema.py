@@ -145,6 +145,20 @@ CREATE INDEX orphan_flags_by_mailbox ON orphan_flags (mailbox);
 """
 
 
+# Version 5: where the store's read cache holds a copy of each message's bytes
+# (leapmail.mail.bodycache).  Contents from now on are copied as they are indexed;
+# those already here, up to body_cache_fill_end, by bodycache.fill in the background.
+_V5 = """
+CREATE TABLE body_cache (
+    content_row INTEGER PRIMARY KEY,   -- contents.rowid
+    pos         INTEGER NOT NULL,      -- where the record starts in the cache file
+    len         INTEGER NOT NULL       -- and its length
+);
+INSERT OR REPLACE INTO mail_state (key, value)
+    SELECT 'body_cache_fill_end', coalesce(max(rowid), 0) FROM contents;
+"""
+
+
 def local_day(timestamp, tz_minutes):
     """The calendar day of ``timestamp`` in its own zone, as a proleptic ordinal.
 
@@ -301,6 +315,8 @@ def index_flags(txn, old, new):
 
 
 def index_message(txn, old, new):
+    from leapmail.mail import bodycache
+
     if new.deleted:
         row = txn.execute("SELECT rowid FROM contents WHERE doc_id = ?", (new.id,)).fetchone()
         if row is not None:
@@ -308,6 +324,7 @@ def index_message(txn, old, new):
             txn.execute("DELETE FROM header_fields WHERE content = ?", row)
             txn.execute("DELETE FROM text_index WHERE rowid = ?", row)
             txn.execute("DELETE FROM text_pending WHERE content_row = ?", row)
+            bodycache.forget_content(txn, row[0])
         txn.execute("DELETE FROM content_parts WHERE content = ?", (new.id,))
         return
     if old is not None:
@@ -323,13 +340,14 @@ def index_message(txn, old, new):
         "UPDATE messages SET content_row = ?, size = ? WHERE content = ? AND content_row IS NULL",
         (rowid, data["size"], new.id),
     )
-    _index_header(txn, new.id, rowid, data)
+    content = _index_header(txn, new.id, rowid, data)
     txn.execute("INSERT INTO text_pending (content_row) VALUES (?)", (rowid,))
     txn.emit(ContentAdded(new.id))
     txn.conn.executemany(
         "INSERT OR IGNORE INTO content_parts (content, part) VALUES (?, ?)",
         [(new.id, part) for part in set(data["parts"])],
     )
+    bodycache.cache_content(txn, rowid, content)
 
 
 def _index_header(txn, doc_id, rowid, data):
@@ -348,6 +366,7 @@ def _index_header(txn, doc_id, rowid, data):
         header_rows(rowid, header, root.header_end - root.start),
     )
     txn.execute("UPDATE contents SET header = ? WHERE rowid = ?", (header, rowid))
+    return content
 
 
 #: Fields whose value is an address list.  SEARCH FROM, TO, CC and BCC look for their
@@ -492,7 +511,7 @@ from leapmail.store.documents import BLOB_KIND  # noqa: E402
 
 MAIL = SchemaComponent(
     name="mail",
-    migrations=(_V1, _V2, _V3, _v4_address_rows),
+    migrations=(_V1, _V2, _V3, _v4_address_rows, _V5),
     indexers={
         MAILBOX_KIND: index_mailbox,
         FLAGS_KIND: index_flags,

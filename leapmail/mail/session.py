@@ -24,6 +24,8 @@ class MessageMeta(NamedTuple):
     content: str
     tz: int = 0  # minutes east of UTC the internal date was given in
     header: bytes = None  # the top-level header block, when asked for and indexed
+    cache_pos: int = None  # where the read cache has a copy of the message, if it has
+    cache_len: int = None
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,11 @@ def _system_names():
 _SYSTEM = _system_names()
 
 
-def read_meta(queries, mailbox, uids, with_header=False):
-    """:class:`MessageMeta` for ``uids`` of a mailbox, ascending: a store read job."""
+def read_meta(queries, mailbox, uids, with_header=False, with_cache=False):
+    """:class:`MessageMeta` for ``uids`` of a mailbox, ascending: a store read job.
+
+    ``with_header``: with the indexed header blocks; ``with_cache``: with where the
+    read cache has copies (:mod:`leapmail.mail.bodycache`)."""
     from leapmail.mail.flags import join_flags
 
     columns = ("m.uid, m.sysflags, m.keywords, m.internal_date, m.size, m.modseq, m.content, "
@@ -219,6 +224,11 @@ def read_meta(queries, mailbox, uids, with_header=False):
     if with_header:
         columns += ", c.header"
         source += " LEFT JOIN contents c ON c.rowid = m.content_row"
+    elif with_cache:
+        columns += ", NULL"
+    if with_cache:
+        columns += ", b.pos, b.len"
+        source += " LEFT JOIN body_cache b ON b.content_row = m.content_row"
     result = []
     if uids and uids[-1] - uids[0] < 2 * len(uids):
         # Dense (the usual 1:*): one range scan of the (mailbox, uid) index beats a

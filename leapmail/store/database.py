@@ -249,6 +249,14 @@ class Database:
                 conn.create_function(name, arity, function, deterministic=True)
         return conn
 
+    def open_cache(self):
+        """The read cache beside this file (:mod:`leapmail.store.cachefile`), under a
+        key of its own derived from the store key."""
+        from leapmail.crypto.kdf import subkey
+        from leapmail.store.cachefile import CacheFile, cache_path
+
+        return CacheFile(cache_path(self.path), subkey(self._key, b"leapmail store cache v1"))
+
     def close(self):
         self._lock.release()
 

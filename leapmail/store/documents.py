@@ -38,9 +38,11 @@ class Document:
 class Queries:
     """Reads shared by readers and the writer (which also sees its own uncommitted work)."""
 
-    def __init__(self, conn, path):
+    def __init__(self, conn, path, cache=None):
         self.conn = conn
         self.path = path
+        #: The store's :class:`~leapmail.store.cachefile.CacheFile`, if it has one.
+        self.cache = cache
 
     def execute(self, sql, params=()):
         """Run SQL on this connection: how typed tables of other layers are queried."""
@@ -110,8 +112,8 @@ class Queries:
 class Transaction(Queries):
     """The writes of one atomic job.  Everything it does commits together or not at all."""
 
-    def __init__(self, conn, path, counter, indexers):
-        super().__init__(conn, path)
+    def __init__(self, conn, path, counter, indexers, cache=None):
+        super().__init__(conn, path, cache)
         self._counter = counter
         self._indexers = indexers
         self.events = []
@@ -228,7 +230,8 @@ class Committer:
     fails rolls back alone.  A job's result is reported only after the commit succeeded.
     """
 
-    def __init__(self, conn, path, indexers, classify):
+    def __init__(self, conn, path, indexers, classify, cache=None):
+        self.cache = cache
         self.conn = conn
         self.path = path
         self.indexers = indexers
@@ -268,7 +271,7 @@ class Committer:
         for fn, args in jobs:
             saved = self.counter.value
             conn.execute("SAVEPOINT job")
-            txn = Transaction(conn, self.path, self.counter, self.indexers)
+            txn = Transaction(conn, self.path, self.counter, self.indexers, self.cache)
             try:
                 result = fn(txn, *args)
                 txn._finish()

@@ -39,6 +39,7 @@ class Store:
         self.path = database.path
         self._reactor = reactor
         self._indexers = database.indexers()
+        self.cache = database.open_cache()
         self._jobs = queue.SimpleQueue()
         self._subscribers = []
         self._watchers = []
@@ -60,6 +61,7 @@ class Store:
         self._writer_ready.wait()
         if self._writer_error is not None:
             self._readpool = None
+            self.cache.close()
             raise self._writer_error
         self._readpool.start()
 
@@ -105,7 +107,7 @@ class Store:
     def _write_loop(self):
         try:
             conn = self.database.connect()
-            committer = Committer(conn, self.path, self._indexers, self._classify)
+            committer = Committer(conn, self.path, self._indexers, self._classify, self.cache)
         except Exception as e:
             self._writer_error = e
             self._writer_ready.set()
@@ -208,7 +210,7 @@ class Store:
         try:
             conn.execute("BEGIN")
             try:
-                return fn(Queries(conn, self.path), *args)
+                return fn(Queries(conn, self.path, self.cache), *args)
             finally:
                 if conn.in_transaction:
                     # Ends the snapshot; a read transaction has nothing to commit, and
@@ -274,6 +276,7 @@ class Store:
             self._jobs.put((_STOP, (), stopped))
             yield stopped
         finally:
+            self.cache.close()
             self.database.close()
 
     def _close_readers(self):
