@@ -719,7 +719,7 @@ async def test_select_and_examine_exact(imap_server):
         assert w.run(b"MOVE 1 Archive")[0].startswith(b"NO")
         _, untagged = w.run(b"FETCH 2 BODY[]")
         assert fetch_map(untagged)[2][b"BODY[]"] == M2
-        assert w.run(b"FETCH 2 FLAGS") == (b"OK", [b"* 2 FETCH (UID 2 FLAGS (\\Flagged $Work))"])
+        assert w.run(b"FETCH 2 FLAGS") == (b"OK", [b"* 2 FETCH (FLAGS (\\Flagged $Work))"])
         # An empty mailbox: no UNSEEN code.
         status, untagged = w.run(b"SELECT Archive")
         assert status == b"OK [READ-WRITE]"
@@ -747,14 +747,14 @@ async def test_examine_shows_recent(imap_server):
         _, untagged = w.run(b"EXAMINE Archive")
         assert b"* 2 RECENT" in untagged
         assert w.run(b"FETCH 1:2 FLAGS") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+            b"* 1 FETCH (FLAGS (\\Recent))", b"* 2 FETCH (FLAGS (\\Recent))"])
         # EXAMINE claimed nothing: a SELECT elsewhere still gets them as recent, and
         # after that nobody else does.
         other = Wire(imap_server)
         _, untagged = other.run(b"SELECT Archive")
         assert b"* 2 RECENT" in untagged
         assert other.run(b"FETCH 1:2 FLAGS") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+            b"* 1 FETCH (FLAGS (\\Recent))", b"* 2 FETCH (FLAGS (\\Recent))"])
         # STATUS of the selected mailbox counts the session's own \Recent messages, as
         # Dovecot does.
         assert other.run(b"STATUS Archive (MESSAGES RECENT)") == (b"OK", [
@@ -793,7 +793,7 @@ async def test_recreated_mailbox_messages_are_recent(imap_server):
         _, untagged = w.run(b"SELECT Box")
         assert b"* 2 EXISTS" in untagged and b"* 2 RECENT" in untagged
         assert w.run(b"FETCH 1:2 FLAGS") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent))", b"* 2 FETCH (UID 2 FLAGS (\\Recent))"])
+            b"* 1 FETCH (FLAGS (\\Recent))", b"* 2 FETCH (FLAGS (\\Recent))"])
         assert w.run(b"SEARCH RECENT") == (b"OK", [b"* SEARCH 1 2"])
         # Claimed by this session: another SELECT sees them, but not as recent.
         other = Wire(imap_server)
@@ -815,13 +815,13 @@ async def test_fetch_items_exact(imap_server):
         load_four(w)
         w.ok(b"SELECT INBOX")
         assert w.run(b"FETCH 1:4 (RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY)") == (b"OK", [
-            b'* 1 FETCH (UID 1 RFC822.SIZE 209 ENVELOPE ("Mon, 04 Mar 2024 10:00:00 +0000" '
+            b'* 1 FETCH (RFC822.SIZE 209 ENVELOPE ("Mon, 04 Mar 2024 10:00:00 +0000" '
             b'"Alpha report" (("Alice Example" NIL "alice" "example.org")) (("Alice Example" '
             b'NIL "alice" "example.org")) (("Alice Example" NIL "alice" "example.org")) '
             b'(("Bob" NIL "bob" "example.net")) NIL NIL NIL "<m1@example.org>") BODYSTRUCTURE '
             b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 47 2 NIL NIL NIL NIL) '
             b'BODY ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 47 2))',
-            b'* 2 FETCH (UID 2 RFC822.SIZE 518 ENVELOPE ("Sun, 10 Mar 2024 12:30:00 +0100" '
+            b'* 2 FETCH (RFC822.SIZE 518 ENVELOPE ("Sun, 10 Mar 2024 12:30:00 +0100" '
             b'"Beta invoice" ((NIL NIL "carol" "example.com")) ((NIL NIL "carol" '
             b'"example.com")) ((NIL NIL "carol" "example.com")) ((NIL NIL "bob" '
             b'"example.net")) (("Dave" NIL "dave" "example.com")) NIL NIL NIL) BODYSTRUCTURE '
@@ -831,13 +831,13 @@ async def test_fetch_items_exact(imap_server):
             b'NIL NIL NIL) BODY (("text" "plain" ("charset" "utf-8") NIL NIL '
             b'"quoted-printable" 33 0)("application" "pdf" ("name" "invoice.pdf") NIL NIL '
             b'"base64" 20) "mixed"))',
-            b'* 3 FETCH (UID 3 RFC822.SIZE 4057 ENVELOPE ("Wed, 20 Mar 2024 08:15:00 -0500" '
+            b'* 3 FETCH (RFC822.SIZE 4057 ENVELOPE ("Wed, 20 Mar 2024 08:15:00 -0500" '
             b'"Gamma newsletter" (("Erin" NIL "erin" "example.org")) (("Erin" NIL "erin" '
             b'"example.org")) (("Erin" NIL "erin" "example.org")) ((NIL NIL "alice" '
             b'"example.org")) NIL NIL NIL NIL) BODYSTRUCTURE ("text" "plain" ("charset" '
             b'"us-ascii") NIL NIL "7bit" 3920 80 NIL NIL NIL NIL) BODY ("text" "plain" '
             b'("charset" "us-ascii") NIL NIL "7bit" 3920 80))',
-            b'* 4 FETCH (UID 4 RFC822.SIZE 287 ENVELOPE ("Mon, 01 Apr 2024 09:00:00 +0200" '
+            b'* 4 FETCH (RFC822.SIZE 287 ENVELOPE ("Mon, 01 Apr 2024 09:00:00 +0200" '
             b'"=?utf-8?q?Caf=C3=A9_meeting?=" (("=?utf-8?q?Fran=C3=A7ois?=" NIL "francois" '
             b'"example.fr")) (("=?utf-8?q?Fran=C3=A7ois?=" NIL "francois" "example.fr")) '
             b'(("=?utf-8?q?Fran=C3=A7ois?=" NIL "francois" "example.fr")) ((NIL NIL "bob" '
@@ -849,7 +849,7 @@ async def test_fetch_items_exact(imap_server):
                      b"BODY.PEEK[HEADER.FIELDS (Subject To)] BODY.PEEK[HEADER.FIELDS.NOT "
                      b"(Subject To Date From Cc MIME-Version)] BODY.PEEK[TEXT]<0.10> "
                      b"BODY.PEEK[]<10.5> BODY.PEEK[]<100000.5>)") == (b"OK", [
-            b"* 2 FETCH (UID 2 BODY[1] {33}\r\nInvoice attached, total 42 euros. "
+            b"* 2 FETCH (BODY[1] {33}\r\nInvoice attached, total 42 euros. "
             b"BODY[2] {20}\r\nJVBERi0xLjQKJcfsj6IK "
             b"BODY[1.MIME] {88}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n "
@@ -864,7 +864,7 @@ async def test_fetch_items_exact(imap_server):
         text = M1[len(header):]
         assert w.run(b"FETCH 1 (BODY.PEEK[HEADER] BODY.PEEK[TEXT] BODY.PEEK[1] RFC822.HEADER "
                      b"BODY.PEEK[]<0.10>)") == (b"OK", [
-            b"* 1 FETCH (UID 1 BODY[HEADER] {%d}\r\n%s BODY[TEXT] {%d}\r\n%s BODY[1] {%d}\r\n%s "
+            b"* 1 FETCH (BODY[HEADER] {%d}\r\n%s BODY[TEXT] {%d}\r\n%s BODY[1] {%d}\r\n%s "
             b"RFC822.HEADER {%d}\r\n%s BODY[]<0> {10}\r\nDate: Mon,)" % (
                 len(header), header, len(text), text, len(text), text, len(header), header)])
         # FLAGS and INTERNALDATE, and the macros.
@@ -874,12 +874,12 @@ async def test_fetch_items_exact(imap_server):
             assert sorted(got[i][b"FLAGS"]) == sorted(flags.split() + [b"\\Recent"])
             assert as_instant(got[i][b"INTERNALDATE"]) == as_instant(date)
         _, untagged = w.run(b"FETCH 3 FAST")
-        assert set(fetch_map(untagged)[3]) == {b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"}
+        assert set(fetch_map(untagged)[3]) == {b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"}
         _, untagged = w.run(b"FETCH 3 ALL")
-        assert set(fetch_map(untagged)[3]) == {b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE",
+        assert set(fetch_map(untagged)[3]) == {b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE",
                                                 b"ENVELOPE"}
         _, untagged = w.run(b"FETCH 3 FULL")
-        assert set(fetch_map(untagged)[3]) == {b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE",
+        assert set(fetch_map(untagged)[3]) == {b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE",
                                                 b"ENVELOPE", b"BODY"}
         # UID FETCH always includes UID; "*" and reversed ranges; UIDs past the end
         # are simply not there.
@@ -912,9 +912,9 @@ async def test_seen_set_by_body_not_by_peek(imap_server):
         # BODY.PEEK[] and RFC822.HEADER leave \Seen alone.
         w.ok(b"FETCH 1 (BODY.PEEK[] BODY.PEEK[TEXT] RFC822.HEADER RFC822.SIZE)")
         assert w.run(b"FETCH 1:3 FLAGS") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent))",
-            b"* 2 FETCH (UID 2 FLAGS (\\Recent))",
-            b"* 3 FETCH (UID 3 FLAGS (\\Recent))"])
+            b"* 1 FETCH (FLAGS (\\Recent))",
+            b"* 2 FETCH (FLAGS (\\Recent))",
+            b"* 3 FETCH (FLAGS (\\Recent))"])
         # BODY[] sets \Seen, and the response carries the new FLAGS (RFC 3501 6.4.5).
         status, untagged = w.run(b"FETCH 1 BODY[]")
         assert status == b"OK"
@@ -931,7 +931,7 @@ async def test_seen_set_by_body_not_by_peek(imap_server):
         assert sorted(got[b"FLAGS"]) == [b"\\Recent", b"\\Seen"]
         # Fetching again: already \Seen, no extra FLAGS item.
         assert w.run(b"FETCH 1 BODY[]<0.4>") == (b"OK", [
-            b"* 1 FETCH (UID 1 BODY[]<0> {4}\r\nDate)"])
+            b"* 1 FETCH (BODY[]<0> {4}\r\nDate)"])
         _, untagged = w.run(b"SEARCH UNSEEN")
         assert untagged == [b"* SEARCH"]
         w.close()
@@ -949,24 +949,24 @@ async def test_store_flags_exact(imap_server):
             w.append(b"INBOX", m)
         w.ok(b"SELECT INBOX")
         assert w.run(b"STORE 1:2 +FLAGS (\\Flagged $Later)") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Flagged $Later \\Recent))",
-            b"* 2 FETCH (UID 2 FLAGS (\\Flagged $Later \\Recent))"])
+            b"* 1 FETCH (FLAGS (\\Flagged $Later \\Recent))",
+            b"* 2 FETCH (FLAGS (\\Flagged $Later \\Recent))"])
         assert w.run(b"STORE 2 -FLAGS (\\Flagged)") == (b"OK", [
-            b"* 2 FETCH (UID 2 FLAGS ($Later \\Recent))"])
+            b"* 2 FETCH (FLAGS ($Later \\Recent))"])
         assert w.run(b"STORE 3 FLAGS (\\Answered \\Seen)") == (b"OK", [
-            b"* 3 FETCH (UID 3 FLAGS (\\Answered \\Seen \\Recent))"])
+            b"* 3 FETCH (FLAGS (\\Answered \\Seen \\Recent))"])
         # A flag without parentheses and several of them (RFC 3501 flag-list or 1*flag).
         assert w.run(b"STORE 3 +FLAGS \\Draft $X") == (b"OK", [
-            b"* 3 FETCH (UID 3 FLAGS (\\Answered \\Seen \\Draft $X \\Recent))"])
+            b"* 3 FETCH (FLAGS (\\Answered \\Seen \\Draft $X \\Recent))"])
         # .SILENT: no untagged FETCH for our own change.
         assert w.run(b"STORE 1:3 +FLAGS.SILENT (\\Deleted)") == (b"OK", [])
         assert w.run(b"STORE 1 FLAGS.SILENT ()") == (b"OK", [])
         assert w.run(b"STORE 2 -FLAGS.SILENT ($Later \\Deleted)") == (b"OK", [])
         assert w.run(b"FETCH 1:3 FLAGS") == (b"OK", [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent))",
-            b"* 2 FETCH (UID 2 FLAGS (\\Recent))",
-            b"* 3 FETCH (UID 3 FLAGS (\\Answered \\Deleted \\Seen \\Draft $X \\Recent))"])
-        # UID STORE answers with UID in each FETCH.
+            b"* 1 FETCH (FLAGS (\\Recent))",
+            b"* 2 FETCH (FLAGS (\\Recent))",
+            b"* 3 FETCH (FLAGS (\\Answered \\Deleted \\Seen \\Draft $X \\Recent))"])
+        # UID STORE answers with UID in each FETCH; STORE does not (as Dovecot).
         assert w.run(b"UID STORE 2 +FLAGS (\\Seen)") == (b"OK", [
             b"* 2 FETCH (UID 2 FLAGS (\\Seen \\Recent))"])
         # Keywords in use are part of FLAGS and PERMANENTFLAGS at the next SELECT.

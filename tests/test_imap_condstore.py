@@ -78,8 +78,11 @@ async def test_enable_and_select_parameters(imap_server):
         assert status == b"OK [READ-WRITE]"
         h = highestmodseq(untagged)
         assert h >= 1
-        # CONDSTORE is on: FETCH FLAGS responses carry UID and MODSEQ.
-        _, untagged = w.run(b"FETCH 1:2 (FLAGS)")
+        # CONDSTORE is on, but a FETCH of FLAGS alone is answered as asked (RFC 7162
+        # 3.1 exempts it; Dovecot too); asked for MODSEQ, it comes with UID.
+        assert w.run(b"FETCH 1:2 (FLAGS)") == (b"OK", [
+            b"* 1 FETCH (FLAGS ())", b"* 2 FETCH (FLAGS ())"])
+        _, untagged = w.run(b"FETCH 1:2 (FLAGS MODSEQ)")
         got = fetch_map(untagged)
         assert sorted(got) == [1, 2]
         assert [got[i][b"UID"] for i in (1, 2)] == [1, 2]
@@ -160,17 +163,17 @@ async def test_fetch_changedsince(imap_server):
         assert len(untagged) == 1
         m1 = modseq_of(fetch_map(untagged)[2])
         assert m1 > h0
-        assert untagged[0] == b"* 2 FETCH (UID 2 FLAGS (\\Seen \\Recent) MODSEQ (%d))" % m1
+        assert untagged[0] == b"* 2 FETCH (UID 2 MODSEQ (%d) FLAGS (\\Seen \\Recent))" % m1
         # A change elsewhere (by a session without CONDSTORE) arrives with MODSEQ.
         other = Wire(imap_server)
         other.ok(b"SELECT INBOX")
         _, untagged = other.run(b"STORE 4 +FLAGS ($Other)")
-        assert untagged == [b"* 4 FETCH (UID 4 FLAGS ($Other))"]  # no MODSEQ there
+        assert untagged == [b"* 4 FETCH (FLAGS ($Other))"]  # no MODSEQ (nor UID) there
         _, untagged = w.run(b"NOOP")
         assert len(untagged) == 1
         m2 = modseq_of(fetch_map(untagged)[4])
         assert m2 > m1
-        assert untagged[0] == b"* 4 FETCH (UID 4 FLAGS ($Other \\Recent) MODSEQ (%d))" % m2
+        assert untagged[0] == b"* 4 FETCH (UID 4 MODSEQ (%d) FLAGS ($Other \\Recent))" % m2
 
         # CHANGEDSINCE: exactly what changed after the given mod-sequence, with MODSEQ.
         assert w.run(b"FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h0) == (b"OK", [
@@ -196,15 +199,17 @@ async def test_fetch_changedsince(imap_server):
         _, untagged = w.run(b"SELECT INBOX")
         assert highestmodseq(untagged) == m3
         _, untagged = other.run(b"STATUS Archive (MESSAGES)")
-        assert b"* 3 FETCH (UID 3 FLAGS (\\Seen))" in untagged
+        assert b"* 3 FETCH (FLAGS (\\Seen))" in untagged
 
-        # A plain session turns CONDSTORE on with FETCH MODSEQ; FLAGS then carry MODSEQ.
+        # A plain session turns CONDSTORE on with FETCH MODSEQ: answered with UID from
+        # then on; a FETCH of FLAGS alone stays as asked (RFC 7162 3.1).
         plain = Wire(imap_server)
         plain.ok(b"SELECT INBOX")
-        assert plain.run(b"FETCH 1 (FLAGS)") == (b"OK", [b"* 1 FETCH (UID 1 FLAGS ())"])
+        assert plain.run(b"FETCH 1 (FLAGS)") == (b"OK", [b"* 1 FETCH (FLAGS ())"])
         _, untagged = plain.run(b"FETCH 1 (MODSEQ)")
         assert untagged[-1] == b"* 1 FETCH (UID 1 MODSEQ (%d))" % before[1]
-        assert plain.run(b"FETCH 1 (FLAGS)") == (
+        assert plain.run(b"FETCH 1 (FLAGS)") == (b"OK", [b"* 1 FETCH (FLAGS ())"])
+        assert plain.run(b"FETCH 1 (FLAGS MODSEQ)") == (
             b"OK", [b"* 1 FETCH (UID 1 FLAGS () MODSEQ (%d))" % before[1]])
         for c in (w, other, plain):
             c.close()

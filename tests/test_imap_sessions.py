@@ -161,11 +161,11 @@ async def test_expunge_waits_for_a_command_that_may_carry_it(imap_server):
         status, untagged = known.run(b, b"FETCH 4 (BODY.PEEK[HEADER.FIELDS (Date)])")
         assert status == b"OK" and expunges(untagged) == []
         date = b"Date: Mon, 01 Apr 2024 09:00:00 +0200\r\n\r\n"
-        assert untagged[-1] == (b"* 4 FETCH (UID 4 BODY[HEADER.FIELDS (DATE)] {%d}\r\n%s)"
+        assert untagged[-1] == (b"* 4 FETCH (BODY[HEADER.FIELDS (DATE)] {%d}\r\n%s)"
                                 % (len(date), date))
         status, untagged = known.run(b, b"STORE 3 +FLAGS (\\Seen)")
         assert status == b"OK" and expunges(untagged) == []
-        assert [u for u in untagged if b"FETCH" in u] == [b"* 3 FETCH (UID 3 FLAGS (\\Seen))"]
+        assert [u for u in untagged if b"FETCH" in u] == [b"* 3 FETCH (FLAGS (\\Seen))"]
         status, untagged = known.run(b, b"SEARCH ALL")
         assert status == b"OK" and expunges(untagged) == []
         assert untagged[-1] in (b"* SEARCH 1 3 4", b"* SEARCH 1 2 3 4")
@@ -299,10 +299,10 @@ async def test_pipelined_commands_answer_in_order(imap_server):
         assert statuses[2].startswith(b"OK [APPENDUID ") and statuses[2].endswith(b" 3]")
         assert statuses[9].startswith(b"OK [COPYUID ")
         assert all(s.startswith(b"OK") for s in statuses), statuses
-        assert answers[1][1] == [b"* 1 FETCH (UID 1 FLAGS (\\Recent))"]
+        assert answers[1][1] == [b"* 1 FETCH (FLAGS (\\Recent))"]
         assert b"* 3 EXISTS" in answers[2][1] + answers[3][1]
         assert answers[4][1][-1] == b"* SEARCH 3"
-        assert answers[5][1] == [b"* 1 FETCH (UID 1 FLAGS (\\Seen \\Recent))"]
+        assert answers[5][1] == [b"* 1 FETCH (FLAGS (\\Seen \\Recent))"]
         assert answers[6][1] == [
             b"* 1 FETCH (UID 1 FLAGS (\\Seen \\Recent))",
             b"* 2 FETCH (UID 2 FLAGS (\\Recent))",
@@ -373,7 +373,7 @@ async def test_overlong_line_is_bad_and_the_session_goes_on(imap_server):
             b"OK", [b"* STATUS INBOX (MESSAGES 1 UIDNEXT 2)"])
         assert w.run(b"STATUS {5+}\r\nINBOX " + items) == (
             b"OK", [b"* STATUS INBOX (MESSAGES 1 UIDNEXT 2)"])
-        assert w.run(b"FETCH 1 (RFC822.SIZE)") == (b"OK", [b"* 1 FETCH (UID 1 RFC822.SIZE %d)"
+        assert w.run(b"FETCH 1 (RFC822.SIZE)") == (b"OK", [b"* 1 FETCH (RFC822.SIZE %d)"
                                                           % len(M1)])
         w.close()
 
@@ -602,5 +602,43 @@ async def test_unauthenticated_session_cannot_do_anything(imap_server):
         assert w.run(b"ID NIL")[0] == b"OK"
         assert w.run(b"LOGOUT") == (b"OK", [b"* BYE"])
         w.close()
+
+    await in_thread(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_news_of_one_message_is_told_once_as_it_is_now(imap_server):
+    """Several flag changes elsewhere to one message between two commands come as one
+    FETCH with the flags as they are then, in sequence order (as Dovecot tells them);
+    UID and MODSEQ only once CONDSTORE is on (RFC 7162 3.1)."""
+    def body():
+        a, b = Wire(imap_server), Wire(imap_server)
+        for m in (M1, M2, M3):
+            a.append(b"INBOX", m)
+        a.ok(b"SELECT INBOX")
+        b.ok(b"SELECT INBOX")
+        a.ok(b"STORE 3 +FLAGS ($One)")
+        a.ok(b"STORE 1 +FLAGS (\\Flagged)")
+        a.ok(b"STORE 3 +FLAGS ($Two)")
+        a.ok(b"STORE 3 -FLAGS ($One)")
+        assert b.run(b"NOOP") == (b"OK", [b"* 1 FETCH (FLAGS (\\Flagged))",
+                                          b"* 3 FETCH (FLAGS ($Two))"])
+        # b's own silent change is not echoed; with another change it is told, whole.
+        assert b.run(b"STORE 2 +FLAGS.SILENT (\\Seen)") == (b"OK", [])
+        a.ok(b"STORE 2 +FLAGS (\\Answered)")
+        assert b.run(b"STORE 2 +FLAGS.SILENT (\\Draft)") == (b"OK", [
+            b"* 2 FETCH (FLAGS (\\Answered \\Seen \\Draft))"])
+        # ENABLE CONDSTORE with a mailbox selected says its HIGHESTMODSEQ; from then
+        # on news carries UID and MODSEQ.
+        status, untagged = b.run(b"ENABLE CONDSTORE")
+        assert status == b"OK" and untagged[0].startswith(b"* OK [HIGHESTMODSEQ ")
+        highest = int(untagged[0].split()[3].rstrip(b"]"))
+        assert untagged[1:] == [b"* ENABLED CONDSTORE"]
+        a.ok(b"STORE 1 -FLAGS (\\Flagged)")
+        a.ok(b"STORE 1 +FLAGS ($Three)")
+        assert b.run(b"NOOP") == (b"OK", [
+            b"* 1 FETCH (UID 1 MODSEQ (%d) FLAGS ($Three))" % (highest + 2)])
+        a.raw.close()
+        b.raw.close()
 
     await in_thread(body)

@@ -222,17 +222,19 @@ _METADATA = {
 }
 
 
-def render_message(queries, meta, content, seq, items, recent, condstore, parts=None):
+def render_message(queries, meta, content, seq, items, recent, parts=None):
     """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces.
 
-    UID always comes first (Thunderbird relies on it); ``content`` may be None when no
-    item needs it.
+    The items in the order asked (UID FETCH puts UID first); UID only when asked, as
+    RFC 3501 and Dovecot have it.  ``content`` may be None when no item needs it.
     """
-    out = [b"* %d FETCH (UID %d" % (seq, meta.uid)]
-    for item in items:
+    out = [b"* %d FETCH (" % seq]
+    for i, item in enumerate(items):
+        if i:
+            out.append(b" ")
         if item == "UID":
+            out.append(b"UID %d" % meta.uid)
             continue
-        out.append(b" ")
         metadata = _METADATA.get(item)
         if metadata is not None:
             out.append(metadata(meta, recent))
@@ -245,8 +247,6 @@ def render_message(queries, meta, content, seq, items, recent, condstore, parts=
                        + encode.encode_bodystructure(content.bodystructure, True))
         else:
             out.extend(_render_section(queries, content, item, parts))
-    if condstore and "FLAGS" in items and "MODSEQ" not in items:
-        out.append(b" MODSEQ (%d)" % meta.modseq)
     out.append(b")\r\n")
     return out
 
@@ -301,8 +301,9 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
                  flags_changed=(), with_header=False):
     """Responses for a batch, in a reader thread: ``[[piece, ...], ...]``.
 
-    Messages in ``flags_changed`` (\\Seen set by this FETCH) also report FLAGS, first,
-    as RFC 3501 6.4.5 asks and as Dovecot does.  ``with_header``: the items are
+    Messages in ``flags_changed`` (\\Seen set by this FETCH) also report FLAGS, and
+    with ``condstore`` (CONDSTORE on) UID and MODSEQ: see :func:`_with_flags`.
+    ``with_header``: the items are
     :func:`header_only` and ``metas`` carry the indexed header blocks.
     """
     responses = []
@@ -325,10 +326,26 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
            for item in items):
         parts = load_parts(queries, [c for c in contents.values() if not isinstance(c, bytes)],
                            STREAM_THRESHOLD)
-    with_flags = items if "FLAGS" in items else ["FLAGS"] + list(items)
+    with_flags = _with_flags(items, condstore)
     for meta, seq in zip(metas, seqs):
         content = contents.get(meta.content)
         responses.append(render_message(
             queries, meta, content, seq, with_flags if meta.uid in flags_changed else items,
-            meta.uid in recent, condstore, parts=parts))
+            meta.uid in recent, parts=parts))
     return responses
+
+
+def _with_flags(items, condstore):
+    """The items of a message whose \\Seen this FETCH set: FLAGS too (RFC 3501 6.4.5),
+    first after a leading UID, where Dovecot puts it; with CONDSTORE on, UID and
+    MODSEQ as well (RFC 7162 3.1)."""
+    lead = 1 if items[0] == "UID" else 0
+    out = list(items)
+    if "FLAGS" not in out:
+        out.insert(lead, "FLAGS")
+    if condstore:
+        if "UID" not in out:
+            out.insert(0, "UID")
+        if "MODSEQ" not in out:
+            out.append("MODSEQ")
+    return out

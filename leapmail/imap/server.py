@@ -153,6 +153,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         self.view = None
         # The \Recent count the client was last told (SELECT, EXISTS, expunges).
         self._recent_said = None
+        self._uid_command = False
         self.condstore = False
         self.qresync = False
         self._queue = deque()
@@ -343,6 +344,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
             uid = True
             if name not in ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"):
                 return self._bad(tag, "Unknown UID command")
+        # News of flag changes told during a UID command carry UIDs (as Dovecot's do).
+        self._uid_command = uid
         handler = getattr(self, "cmd_" + name.replace("-", "_"), None) if name.isalpha() else None
         if not rest or handler is None:
             return self._bad(tag, "Unknown command" if rest else "Missing command")
@@ -409,7 +412,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._write(b"* BYE Mailbox was deleted elsewhere\r\n")
             self._hang_up()
             return
-        updates = view.updates(expunges=expunges)
+        updates = _coalesced(view.updates(expunges=expunges), silenced)
         if not updates:
             return
         out = []
@@ -428,18 +431,21 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 out.append(b"* %d RECENT\r\n" % len(view.recent))
                 self._recent_said = len(view.recent)
             elif update.kind == "flags":
-                if silenced is not None and silenced.get(update.uid) == update.modseq:
-                    continue
                 if vanished:
                     # Its sequence number counts the expunges before it: say them first.
                     out.append(b"* VANISHED " + _compress(vanished) + b"\r\n")
                     vanished = []
-                line = b"* %d FETCH (UID %d FLAGS %s" % (
-                    update.seq, update.uid,
-                    fetchlib.flag_list(update.flags, update.uid in view.recent))
+                # UID during a UID command; UID and MODSEQ once CONDSTORE is on
+                # (RFC 7162 3.1: "both UID and mod-sequence data in all subsequent
+                # untagged FETCH responses" of STOREs and other sessions' changes).
+                # In Dovecot's order: UID, MODSEQ, FLAGS.
+                line = b"* %d FETCH (" % update.seq
+                if self.condstore or self._uid_command:
+                    line += b"UID %d " % update.uid
                 if self.condstore:
-                    line += b" MODSEQ (%d)" % update.modseq
-                out.append(line + b")\r\n")
+                    line += b"MODSEQ (%d) " % update.modseq
+                out.append(line + b"FLAGS %s)\r\n" % fetchlib.flag_list(
+                    update.flags, update.uid in view.recent))
         if vanished:
             out.append(b"* VANISHED " + _compress(vanished) + b"\r\n")
         if len(view.recent) != self._recent_said:
@@ -615,7 +621,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
             c.sp()
             word = c.atom("a capability").upper()
             if word == b"CONDSTORE" and not self.condstore:
-                self._enable_condstore(announce=False)
+                # With a mailbox selected, the client learns its HIGHESTMODSEQ now
+                # (RFC 7162 3.1; Dovecot says it too).
+                self._enable_condstore()
                 enabled.append(b"CONDSTORE")
             elif word == b"QRESYNC" and not self.qresync:
                 self.qresync = True
@@ -679,17 +687,17 @@ class LeapIMAPServer(imap4.IMAP4Server):
         flags = list(SYSTEM_FLAGS) + overview["keywords"]
         out = [b"* FLAGS (" + " ".join(flags).encode("utf-8") + b")\r\n"]
         if readonly:
-            out.append(b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n")
+            out.append(b"* OK [PERMANENTFLAGS ()] Read-only mailbox.\r\n")
         else:
             out.append(b"* OK [PERMANENTFLAGS (" + " ".join(flags + ["\\*"]).encode("utf-8")
-                       + b")] Flags permitted\r\n")
+                       + b")] Flags permitted.\r\n")
         out.append(b"* %d EXISTS\r\n" % view.exists)
         out.append(b"* %d RECENT\r\n" % len(view.recent))
         self._recent_said = len(view.recent)
         if overview["first_unseen"] is not None:
             seq = view.seq_of(overview["first_unseen"])
             if seq is not None:
-                out.append(b"* OK [UNSEEN %d] First unseen\r\n" % seq)
+                out.append(b"* OK [UNSEEN %d] First unseen.\r\n" % seq)
         out.append(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % view.info.uidvalidity)
         out.append(b"* OK [UIDNEXT %d] Predicted next UID\r\n" % view.uidnext)
         # mod-sequence values are positive (RFC 7162 7): an untouched mailbox says 1.
@@ -1033,8 +1041,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
             self._enable_condstore()
         view = self.view
         uids = self._resolve(ranges, uid)
-        if uid and "UID" not in items:
-            items = ["UID"] + items
+        if uid:
+            # UID first (Thunderbird relies on it), once.
+            items = ["UID"] + [item for item in items if item != "UID"]
         if vanished:
             gone = await view.vanished_since(changedsince, uid_ranges_for_uids(view, ranges))
             if gone:
@@ -1052,8 +1061,10 @@ class LeapIMAPServer(imap4.IMAP4Server):
     async def _fetch_uids(self, view, uids, items):
         store = view.account.store
         mailbox_id = view.info.id
-        # RFC 7162 3.1: once CONDSTORE is on, FETCH responses with FLAGS carry MODSEQ.
-        condstore = self.condstore and "MODSEQ" not in items
+        condstore = self.condstore
+        if condstore and "MODSEQ" in items and "UID" not in items:
+            # RFC 7162 3.1: a FETCH of MODSEQ, CONDSTORE on, answers with UID too.
+            items = ["UID"] + items
         newly_seen = set()
         if fetchlib.sets_seen(items) and not view.readonly:
             for start in range(0, len(uids), FETCH_BATCH):
@@ -1341,6 +1352,31 @@ def _qresync_params(c):
             matches = (seqs, uids)
     c.expect(b")")
     return uidvalidity, modseq, known, matches
+
+
+def _coalesced(updates, silenced=None):
+    """``updates`` with the flag changes of one message between two other pieces of
+    news told once, as the message is now, in sequence order (as Dovecot tells them).
+    A change this session made with .SILENT (``silenced``: UID -> its MODSEQ) is not
+    echoed, unless another change to the message came with it."""
+    out, run = [], {}
+
+    def flush():
+        for update, quiet in sorted(run.values(), key=lambda pair: pair[0].seq):
+            if not quiet:
+                out.append(update)
+        run.clear()
+
+    for update in updates:
+        if update.kind != "flags":
+            flush()
+            out.append(update)
+            continue
+        quiet = silenced is not None and silenced.get(update.uid) == update.modseq
+        earlier = run.get(update.uid)
+        run[update.uid] = (update, quiet and (earlier is None or earlier[1]))
+    flush()
+    return out
 
 
 def _compress(numbers):
