@@ -241,3 +241,51 @@ async def test_generated_odd_mail_matches_dovecot(imap_server, tmp_path):
         _where(*d) for d in different[:8])
     assert all(status == b"OK" for status, _ in theirs[2].values())
     assert ours[2] == theirs[2]
+
+
+# Item orders and \Seen: FETCH answers the short fixed items first, then the others in
+# the order asked; a FETCH that sets \Seen reports FLAGS after the short ones.
+ORDERED_FETCHES = [
+    b"FETCH 1 (BODY.PEEK[] ENVELOPE)", b"FETCH 1 (BODY.PEEK[1] BODYSTRUCTURE RFC822.SIZE)",
+    b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (Subject)] UID FLAGS)", b"FETCH 1 (RFC822.HEADER FLAGS)",
+    b"FETCH 1 (BODY.PEEK[TEXT] RFC822.SIZE BODY.PEEK[HEADER] FLAGS)", b"FETCH 1 (FLAGS UID)",
+    b"FETCH 1 (BODY.PEEK[]<0.5> BODY)", b"FETCH 2 (BODY[HEADER.FIELDS (Subject)] RFC822.SIZE)",
+    b"FETCH 3 (BODY[TEXT] ENVELOPE)", b"FETCH 4 (RFC822.TEXT UID)", b"FETCH 5 (ENVELOPE BODY[1])",
+    b"FETCH 6 (RFC822.SIZE RFC822)", b"UID FETCH 7 (BODY[1] FLAGS UID)", b"FETCH 1:7 FLAGS",
+    b"UID FETCH 7 (RFC822.HEADER)", b"FETCH 2:3 (FLAGS RFC822.SIZE)",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_item_order_and_implicit_flags_match_dovecot(imap_server, tmp_path):
+    require_dovecot()
+    messages = [b"Subject: m%d\r\nContent-Type: text/plain\r\n\r\nbody %d\r\n" % (i, i)
+                for i in range(7)]
+
+    def script(conn):
+        append_all(conn, messages)
+        conn.select("INBOX")
+        out = []
+        for command in ORDERED_FETCHES:
+            tag = conn._new_tag()
+            conn.send(tag + b" " + command + b"\r\n")
+            lines = []
+            while True:
+                line = conn.readline()
+                if line.startswith(tag + b" "):
+                    break
+                lines.append(line)
+            out.append((command, b"".join(lines)))
+        conn.logout()
+        return out
+
+    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
+        def run_dovecot():
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+            conn.login(dovecot.user, dovecot.password)
+            return script(conn)
+
+        theirs = await in_thread(run_dovecot)
+    ours = await in_thread(lambda: script(imap_server.imaplib()))
+    assert [o for o in ours if o not in theirs] == []
+    assert ours == theirs

@@ -225,8 +225,8 @@ _METADATA = {
 def render_message(queries, meta, content, seq, items, recent, parts=None):
     """One ``* seq FETCH (...)`` response as a list of bytes and :class:`Stream` pieces.
 
-    The items in the order asked (UID FETCH puts UID first); UID only when asked, as
-    RFC 3501 and Dovecot have it.  ``content`` may be None when no item needs it.
+    The items in the order given (see :func:`response_order`); UID only when asked,
+    as RFC 3501 and Dovecot have it.  ``content`` may be None when no item needs it.
     """
     out = [b"* %d FETCH (" % seq]
     for i, item in enumerate(items):
@@ -335,17 +335,26 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
     return responses
 
 
+#: Items Dovecot answers before the others, whatever their place in the request.
+_SHORT = frozenset({"UID", "FLAGS", "MODSEQ", "RFC822.SIZE", "INTERNALDATE"})
+
+
+def response_order(items):
+    """The items in the order a response gives them: Dovecot's, which is the request's
+    except that the short fixed-size items (:data:`_SHORT`) come first."""
+    return ([item for item in items if item in _SHORT]
+            + [item for item in items if item not in _SHORT])
+
+
 def _with_flags(items, condstore):
-    """The items of a message whose \\Seen this FETCH set: FLAGS too (RFC 3501 6.4.5),
-    first after a leading UID, where Dovecot puts it; with CONDSTORE on, UID and
-    MODSEQ as well (RFC 7162 3.1)."""
-    lead = 1 if items[0] == "UID" else 0
-    out = list(items)
-    if "FLAGS" not in out:
-        out.insert(lead, "FLAGS")
-    if condstore:
-        if "UID" not in out:
-            out.insert(0, "UID")
-        if "MODSEQ" not in out:
-            out.append("MODSEQ")
-    return out
+    """The items (in :func:`response_order`) of a message whose \\Seen this FETCH set:
+    FLAGS too (RFC 3501 6.4.5), after the other short items, where Dovecot puts it;
+    with CONDSTORE on, UID and MODSEQ as well (RFC 7162 3.1)."""
+    short = [item for item in items if item in _SHORT]
+    if condstore and "UID" not in short:
+        short.insert(0, "UID")
+    if "FLAGS" not in short:
+        short.append("FLAGS")
+    if condstore and "MODSEQ" not in short:
+        short.append("MODSEQ")
+    return short + list(items[len([i for i in items if i in _SHORT]):])

@@ -1065,6 +1065,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         if condstore and "MODSEQ" in items and "UID" not in items:
             # RFC 7162 3.1: a FETCH of MODSEQ, CONDSTORE on, answers with UID too.
             items = ["UID"] + items
+        items = fetchlib.response_order(items)
         newly_seen = set()
         if fetchlib.sets_seen(items) and not view.readonly:
             for start in range(0, len(uids), FETCH_BATCH):
