@@ -188,6 +188,7 @@ async def test_a_file_from_before_the_cache_gets_its_messages_copied(db_path, ke
 
     def back_to_version_4(txn):
         txn.execute("DROP TABLE body_cache")
+        txn.execute("DROP TABLE mailbox_keywords")  # version 6's
         txn.execute("DELETE FROM mail_state WHERE key LIKE 'body_cache%'")
         txn.execute("UPDATE meta SET value = 4 WHERE key = 'schema.mail'")
     await store.transact(back_to_version_4)

@@ -948,7 +948,10 @@ async def test_store_flags_exact(imap_server):
         for m in (M1, M2, M3):
             w.append(b"INBOX", m)
         w.ok(b"SELECT INBOX")
+        # A keyword new to the mailbox: its FLAGS first (RFC 3501 7.2.6, as Dovecot).
         assert w.run(b"STORE 1:2 +FLAGS (\\Flagged $Later)") == (b"OK", [
+            b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Later)",
+            b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Later \\*)]",
             b"* 1 FETCH (FLAGS (\\Flagged $Later \\Recent))",
             b"* 2 FETCH (FLAGS (\\Flagged $Later \\Recent))"])
         assert w.run(b"STORE 2 -FLAGS (\\Flagged)") == (b"OK", [
@@ -957,6 +960,8 @@ async def test_store_flags_exact(imap_server):
             b"* 3 FETCH (FLAGS (\\Answered \\Seen \\Recent))"])
         # A flag without parentheses and several of them (RFC 3501 flag-list or 1*flag).
         assert w.run(b"STORE 3 +FLAGS \\Draft $X") == (b"OK", [
+            b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Later $X)",
+            b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Later $X \\*)]",
             b"* 3 FETCH (FLAGS (\\Answered \\Seen \\Draft $X \\Recent))"])
         # .SILENT: no untagged FETCH for our own change.
         assert w.run(b"STORE 1:3 +FLAGS.SILENT (\\Deleted)") == (b"OK", [])

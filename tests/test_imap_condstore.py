@@ -167,9 +167,13 @@ async def test_fetch_changedsince(imap_server):
         # A change elsewhere (by a session without CONDSTORE) arrives with MODSEQ.
         other = Wire(imap_server)
         other.ok(b"SELECT INBOX")
+        # A keyword new to the mailbox: both sessions hear its FLAGS first.
+        new_keyword = [b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Other)", b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Other \\*)]"]
         _, untagged = other.run(b"STORE 4 +FLAGS ($Other)")
-        assert untagged == [b"* 4 FETCH (FLAGS ($Other))"]  # no MODSEQ (nor UID) there
+        assert untagged == new_keyword + [b"* 4 FETCH (FLAGS ($Other))"]  # no MODSEQ nor UID
         _, untagged = w.run(b"NOOP")
+        assert untagged[:2] == new_keyword
+        untagged = untagged[2:]
         assert len(untagged) == 1
         m2 = modseq_of(fetch_map(untagged)[4])
         assert m2 > m1
@@ -299,6 +303,8 @@ async def test_conditional_store_silent_still_reports_modseq(imap_server):
         assert items[b"UID"] == 1 and modseq_of(items) > h
         status, untagged = w.run(b"UID STORE 2 (UNCHANGEDSINCE %d) FLAGS.SILENT ($A)" % h)
         assert status == b"OK"
+        assert untagged[:2] == [b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $A)", b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $A \\*)]"]  # a new keyword
+        untagged = untagged[2:]
         assert len(untagged) == 1 and untagged[0].startswith(b"* 2 FETCH ("), untagged
         assert modseq_of(fetch_items(untagged[0].split(b" ", 3)[3])) > h
         w.close()

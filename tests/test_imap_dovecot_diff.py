@@ -289,3 +289,58 @@ async def test_fetch_item_order_and_implicit_flags_match_dovecot(imap_server, tm
     ours = await in_thread(lambda: script(imap_server.imaplib()))
     assert [o for o in ours if o not in theirs] == []
     assert ours == theirs
+
+
+# Keywords: listed in the order the mailbox first saw them, spelled as it first saw
+# them, never forgotten while it lives; FLAGS told again when one is new.
+KEYWORD_COMMANDS = [
+    b"STORE 1 +FLAGS (Zeta)", b"STORE 1 +FLAGS (Alpha)", b"STORE 2 +FLAGS (alpha mid zeta)",
+    b"STORE 3 FLAGS (Mid Beta \\Seen)", b"FETCH 1:3 FLAGS", b"STORE 1:3 -FLAGS (zeta alpha mid)",
+    b"STORE 1 +FLAGS (ALPHA \\Flagged)", b"SELECT INBOX", b"FETCH 1:3 FLAGS",
+    b"UID STORE 2 FLAGS (BETA $Fresh)", b"EXAMINE INBOX", b"FETCH 2 FLAGS",
+]
+
+
+def _comparable(line):
+    """A response line without what legitimately differs: human text after a response
+    code, and the HIGHESTMODSEQ leapmail reports at every SELECT (RFC 7162 3.1.2.1)."""
+    if line.startswith(b"* OK [HIGHESTMODSEQ "):
+        return None
+    if line.startswith((b"* OK [", b"OK", b"NO", b"BAD")):
+        return line[:line.index(b"]") + 1] if b"[" in line else line.split(b" ")[0]
+    return line
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyword_order_spelling_and_flags_news_match_dovecot(imap_server, tmp_path):
+    require_dovecot()
+    messages = [b"Subject: k%d\r\n\r\nbody\r\n" % i for i in range(3)]
+
+    def script(conn):
+        append_all(conn, messages)
+        conn.select("INBOX")
+        out = []
+        for command in KEYWORD_COMMANDS:
+            tag = conn._new_tag()
+            conn.send(tag + b" " + command + b"\r\n")
+            while True:
+                line = conn.readline().rstrip(b"\r\n")
+                tagged = line.startswith(tag + b" ")
+                kept = _comparable(line[len(tag) + 1:] if tagged else line)
+                if kept is not None:
+                    out.append(kept)
+                if tagged:
+                    break
+        conn.logout()
+        return out
+
+    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
+        def run_dovecot():
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+            conn.login(dovecot.user, dovecot.password)
+            return script(conn)
+
+        theirs = await in_thread(run_dovecot)
+    ours = await in_thread(lambda: script(imap_server.imaplib()))
+    assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft Zeta Alpha mid Beta)" in ours
+    assert ours == theirs

@@ -18,6 +18,7 @@ from imap_support import in_thread
 from test_imap_clients import CRLF, M1, M2, M3, M4, Wire, lines
 
 APPENDLIMIT = 67108864
+SYSTEM = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
 class Known:
@@ -114,8 +115,12 @@ async def test_idle_hears_exists_flags_and_expunge_at_once(imap_server):
         assert recent.startswith(b"* ") and recent.endswith(b" RECENT"), recent
         known.apply([b"* 4 EXISTS"])
 
-        # STORE elsewhere: an untagged FETCH with the new flags.
+        # STORE elsewhere: a keyword new to the mailbox, so its FLAGS first (RFC 3501
+        # 7.2.6, as Dovecot), then an untagged FETCH with the new flags.
         assert a.run(b"STORE 2 +FLAGS (\\Flagged $Urgent)")[0] == b"OK"
+        assert b.read_response() == b"* FLAGS (" + SYSTEM + b" $Urgent)"
+        assert b.read_response() == (b"* OK [PERMANENTFLAGS (" + SYSTEM
+                                     + b" $Urgent \\*)] Flags permitted.")
         news = b.read_response()
         assert news.startswith(b"* 2 FETCH ("), news
         items = fetch_items(news.split(b" ", 3)[3])
@@ -621,8 +626,11 @@ async def test_news_of_one_message_is_told_once_as_it_is_now(imap_server):
         a.ok(b"STORE 1 +FLAGS (\\Flagged)")
         a.ok(b"STORE 3 +FLAGS ($Two)")
         a.ok(b"STORE 3 -FLAGS ($One)")
-        assert b.run(b"NOOP") == (b"OK", [b"* 1 FETCH (FLAGS (\\Flagged))",
-                                          b"* 3 FETCH (FLAGS ($Two))"])
+        # The mailbox's new keywords once, as they are now, then each message once.
+        assert b.run(b"NOOP") == (b"OK", [
+            b"* FLAGS (" + SYSTEM + b" $One $Two)",
+            b"* OK [PERMANENTFLAGS (" + SYSTEM + b" $One $Two \\*)]",
+            b"* 1 FETCH (FLAGS (\\Flagged))", b"* 3 FETCH (FLAGS ($Two))"])
         # b's own silent change is not echoed; with another change it is told, whole.
         assert b.run(b"STORE 2 +FLAGS.SILENT (\\Seen)") == (b"OK", [])
         a.ok(b"STORE 2 +FLAGS (\\Answered)")
@@ -637,6 +645,8 @@ async def test_news_of_one_message_is_told_once_as_it_is_now(imap_server):
         a.ok(b"STORE 1 -FLAGS (\\Flagged)")
         a.ok(b"STORE 1 +FLAGS ($Three)")
         assert b.run(b"NOOP") == (b"OK", [
+            b"* FLAGS (" + SYSTEM + b" $One $Two $Three)",
+            b"* OK [PERMANENTFLAGS (" + SYSTEM + b" $One $Two $Three \\*)]",
             b"* 1 FETCH (UID 1 MODSEQ (%d) FLAGS ($Three))" % (highest + 2)])
         a.raw.close()
         b.raw.close()

@@ -229,6 +229,7 @@ async def test_envelope_addresses_reach_a_file_from_before_them(db_path, key):
     def back_to_version_3(txn):
         txn.execute("DELETE FROM header_fields WHERE value = 'user-from@domain.org'")
         txn.execute("DROP TABLE body_cache")  # version 5's
+        txn.execute("DROP TABLE mailbox_keywords")  # version 6's
         txn.execute("UPDATE meta SET value = 3 WHERE key = 'schema.mail'")
     await store.transact(back_to_version_3)
     view = await account.select("INBOX")
@@ -318,3 +319,39 @@ async def test_indexing_waits_for_a_bulk_import_to_pause(account):
     view = await account.select("INBOX")
     assert len(await view.search(("body", "bulk text"))) == 2 * BATCH
     view.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keywords_of_a_file_from_before_their_list_get_one(db_path, key):
+    """Schema version 6 keeps each mailbox's keywords in order of first appearance; a
+    file written by version 5 gets the list from the messages it holds (UID order)."""
+    from leapmail.mail.account import Account
+    from leapmail.mail.schema import MAIL
+    from leapmail.store import Store
+
+    id_key = b"i" * 32
+    store = Store.open(db_path, key, [MAIL], create=True)
+    account = Account(store, id_key)
+    await account.setup()
+    for i in range(2):
+        await account.append("INBOX", b"Subject: %d\r\n\r\nx\r\n" % i)
+    view = await account.select("INBOX")
+    await account.change_flags(view.info.id, [1], "add", ["Zeta", "Alpha"])
+    await account.change_flags(view.info.id, [2], "add", ["beta", "zeta"])
+    view.close()
+
+    def back_to_version_5(txn):
+        txn.execute("DROP TABLE mailbox_keywords")
+        txn.execute("UPDATE meta SET value = 5 WHERE key = 'schema.mail'")
+    await store.transact(back_to_version_5)
+    account.close()
+    await store.close()
+
+    store = Store.open(db_path, key, [MAIL])
+    account = Account(store, id_key)
+    view = await account.select("INBOX")
+    assert (await view.overview())["keywords"] == ["Zeta", "Alpha", "beta"]
+    assert [m.flags for m in await view.meta([1, 2])] == [("Zeta", "Alpha"), ("Zeta", "beta")]
+    view.close()
+    account.close()
+    await store.close()

@@ -430,6 +430,14 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 out.append(b"* %d EXISTS\r\n" % update.count)
                 out.append(b"* %d RECENT\r\n" % len(view.recent))
                 self._recent_said = len(view.recent)
+            elif update.kind == "keywords":
+                # New keywords in the mailbox: its FLAGS again (RFC 3501 7.2.6), as
+                # Dovecot tells them, before the FETCH that uses them.
+                flags = " ".join([*SYSTEM_FLAGS, *update.flags]).encode("utf-8")
+                out.append(b"* FLAGS (" + flags + b")\r\n")
+                if not view.readonly:
+                    out.append(b"* OK [PERMANENTFLAGS (" + flags
+                               + b" \\*)] Flags permitted.\r\n")
             elif update.kind == "flags":
                 if vanished:
                     # Its sequence number counts the expunges before it: say them first.
@@ -1357,18 +1365,25 @@ def _qresync_params(c):
 
 def _coalesced(updates, silenced=None):
     """``updates`` with the flag changes of one message between two other pieces of
-    news told once, as the message is now, in sequence order (as Dovecot tells them).
+    news told once, as the message is now, in sequence order (as Dovecot tells them),
+    after the mailbox's keywords if they grew meanwhile (told once too).
     A change this session made with .SILENT (``silenced``: UID -> its MODSEQ) is not
     echoed, unless another change to the message came with it."""
-    out, run = [], {}
+    out, run, keywords = [], {}, []
 
     def flush():
+        # The mailbox's keywords as they are now, before the FETCHes that use them.
+        out.extend(keywords[-1:])
+        keywords.clear()
         for update, quiet in sorted(run.values(), key=lambda pair: pair[0].seq):
             if not quiet:
                 out.append(update)
         run.clear()
 
     for update in updates:
+        if update.kind == "keywords":
+            keywords.append(update)
+            continue
         if update.kind != "flags":
             flush()
             out.append(update)

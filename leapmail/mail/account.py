@@ -22,7 +22,14 @@ from leapmail.mail.errors import (
     MailboxExists,
     NoSuchMailbox,
 )
-from leapmail.mail.events import ContentAdded, Expunged, FlagsChanged, MailboxChanged, MessageAdded
+from leapmail.mail.events import (
+    ContentAdded,
+    Expunged,
+    FlagsChanged,
+    KeywordsDefined,
+    MailboxChanged,
+    MessageAdded,
+)
 from leapmail.mail.schema import (
     FLAGS_KIND,
     MAILBOX_KIND,
@@ -429,7 +436,7 @@ class Account:
                 for view in list(views):
                     view._notify(event)
                 continue
-            if not isinstance(event, (MessageAdded, FlagsChanged, Expunged)):
+            if not isinstance(event, (MessageAdded, FlagsChanged, Expunged, KeywordsDefined)):
                 continue
             views = self._views.get(event.mailbox)
             if not views:

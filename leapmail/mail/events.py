@@ -38,3 +38,11 @@ class MailboxChanged:
 
     mailbox: str
     name: str
+
+
+@dataclass(frozen=True)
+class KeywordsDefined:
+    """A mailbox's keywords grew: ``keywords`` are all of them, in listing order."""
+
+    mailbox: str
+    keywords: tuple

@@ -16,10 +16,11 @@ from leapmail.mail.events import (
     ContentAdded,
     Expunged,
     FlagsChanged,
+    KeywordsDefined,
     MailboxChanged,
     MessageAdded,
 )
-from leapmail.mail.flags import split_flags
+from leapmail.mail.flags import join_flags, split_flags
 from leapmail.store import SchemaComponent
 
 MAILBOX_KIND = "mailbox"
@@ -159,6 +160,68 @@ INSERT OR REPLACE INTO mail_state (key, value)
 """
 
 
+# Version 6: each mailbox's keywords in the order they first appeared there, with the
+# spelling they first had: how FLAGS lists them, as Dovecot does (its per-mailbox
+# keyword list).  Never shrinks while the mailbox lives, as Dovecot's does not.
+_V6 = """
+CREATE TABLE mailbox_keywords (
+    mailbox  TEXT NOT NULL,
+    folded   TEXT NOT NULL,      -- lower case: keywords compare case-insensitively
+    name     TEXT NOT NULL,      -- the spelling first seen in this mailbox
+    position INTEGER NOT NULL,   -- the order of first appearance, the listing order
+    PRIMARY KEY (mailbox, folded)
+);
+"""
+
+
+def _v6_mailbox_keywords(conn):
+    conn.execute(_V6)
+    known = {}
+    for mailbox, words in conn.execute(
+            "SELECT mailbox, keywords FROM messages WHERE keywords != '' ORDER BY mailbox, uid"
+    ).fetchall():
+        registry = known.setdefault(mailbox, {})
+        for word in words.split(" "):
+            if word and word.lower() not in registry:
+                registry[word.lower()] = word
+                conn.execute("INSERT INTO mailbox_keywords (mailbox, folded, name, position) "
+                             "VALUES (?, ?, ?, ?)", (mailbox, word.lower(), word, len(registry)))
+
+
+def keyword_registry(queries, mailbox):
+    """``{folded: (position, name)}``: the keywords ``mailbox`` has known."""
+    return {folded: (position, name) for folded, name, position in queries.execute(
+        "SELECT folded, name, position FROM mailbox_keywords WHERE mailbox = ?", (mailbox,))}
+
+
+def listed_keywords(registry, keywords):
+    """``keywords`` (an iterable of words) as FLAGS lists them: in the mailbox's order,
+    spelled as the mailbox first had them."""
+    found = []
+    for word in keywords:
+        entry = registry.get(word.lower())
+        found.append(entry if entry is not None else (len(registry) + len(found), word))
+    return [name for _position, name in sorted(found)]
+
+
+def _register_keywords(txn, mailbox, keywords):
+    """Add to the mailbox's keywords the ones new to it; returns the registry and
+    whether it grew (then the mailbox's FLAGS are told again)."""
+    registry = keyword_registry(txn, mailbox)
+    grew = False
+    for word in keywords:
+        folded = word.lower()
+        if folded not in registry:
+            registry[folded] = (len(registry) + 1, word)
+            txn.execute("INSERT INTO mailbox_keywords (mailbox, folded, name, position) "
+                        "VALUES (?, ?, ?, ?)", (mailbox, folded, word, len(registry)))
+            grew = True
+    if grew:
+        txn.emit(KeywordsDefined(mailbox, tuple(
+            name for _position, name in sorted(registry.values()))))
+    return registry
+
+
 def local_day(timestamp, tz_minutes):
     """The calendar day of ``timestamp`` in its own zone, as a proleptic ordinal.
 
@@ -198,6 +261,7 @@ def _next_uidvalidity(txn):
 def index_mailbox(txn, old, new):
     if new.deleted:
         txn.execute("DELETE FROM mailboxes WHERE doc_id = ?", (new.id,))
+        txn.execute("DELETE FROM mailbox_keywords WHERE mailbox = ?", (new.id,))
         txn.emit(MailboxChanged(new.id, None))
         return
     data = codec.loads(new.content)
@@ -301,6 +365,8 @@ def index_flags(txn, old, new):
              local_day(data["date"], data.get("tz", 0)), content[0], sysflags,
              " ".join(keywords), data.get("tz", 0)),
         )
+        if keywords:
+            _register_keywords(txn, mailbox, keywords)
         txn.emit(MessageAdded(mailbox, uid, modseq))
         return
     mailbox, uid, old_sysflags, old_keywords = existing
@@ -311,7 +377,9 @@ def index_flags(txn, old, new):
         "UPDATE messages SET sysflags = ?, keywords = ?, modseq = ? WHERE flags_doc = ?",
         (sysflags, " ".join(keywords), modseq, new.id),
     )
-    txn.emit(FlagsChanged(mailbox, uid, tuple(data["flags"]), modseq))
+    if keywords:
+        keywords = listed_keywords(_register_keywords(txn, mailbox, keywords), keywords)
+    txn.emit(FlagsChanged(mailbox, uid, tuple(join_flags(sysflags, keywords)), modseq))
 
 
 def index_message(txn, old, new):
@@ -511,7 +579,7 @@ from leapmail.store.documents import BLOB_KIND  # noqa: E402
 
 MAIL = SchemaComponent(
     name="mail",
-    migrations=(_V1, _V2, _V3, _v4_address_rows, _V5),
+    migrations=(_V1, _V2, _V3, _v4_address_rows, _V5, _v6_mailbox_keywords),
     indexers={
         MAILBOX_KIND: index_mailbox,
         FLAGS_KIND: index_flags,

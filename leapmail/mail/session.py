@@ -10,7 +10,14 @@ import bisect
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from leapmail.mail.events import Expunged, FlagsChanged, MailboxChanged, MessageAdded
+from leapmail.mail.events import (
+    Expunged,
+    FlagsChanged,
+    KeywordsDefined,
+    MailboxChanged,
+    MessageAdded,
+)
+from leapmail.mail.schema import keyword_registry, listed_keywords
 
 
 class MessageMeta(NamedTuple):
@@ -138,6 +145,8 @@ class MailboxView:
                         self.recent.add(event.uid)
                     added = True
                 self.uidnext = max(self.uidnext, event.uid + 1)
+            elif isinstance(event, KeywordsDefined):
+                out.append(Update("keywords", flags=event.keywords))
             elif isinstance(event, FlagsChanged):
                 seq = self.seq_of(event.uid)
                 if seq is not None:
@@ -216,8 +225,6 @@ def read_meta(queries, mailbox, uids, with_header=False, with_cache=False):
 
     ``with_header``: with the indexed header blocks; ``with_cache``: with where the
     read cache has copies (:mod:`leapmail.mail.bodycache`)."""
-    from leapmail.mail.flags import join_flags
-
     columns = ("m.uid, m.sysflags, m.keywords, m.internal_date, m.size, m.modseq, m.content, "
                "m.tz")
     source = "messages m"
@@ -246,11 +253,17 @@ def read_meta(queries, mailbox, uids, with_header=False, with_cache=False):
             "ORDER BY m.uid",
             (mailbox, *batch),
         ).fetchall()
-    return [
-        MessageMeta(row[0], _SYSTEM[row[1] & 31] if not row[2]
-                    else _SYSTEM[row[1] & 31] + tuple(join_flags(0, row[2])), *row[3:])
-        for row in result
-    ]
+    registry = None
+    out = []
+    for row in result:
+        if not row[2]:
+            out.append(MessageMeta(row[0], _SYSTEM[row[1] & 31], *row[3:]))
+            continue
+        if registry is None:
+            registry = keyword_registry(queries, mailbox)
+        keywords = listed_keywords(registry, [w for w in row[2].split(" ") if w])
+        out.append(MessageMeta(row[0], _SYSTEM[row[1] & 31] + tuple(keywords), *row[3:]))
+    return out
 
 
 def _highest_modseq(queries, mailbox, uids):
@@ -273,15 +286,9 @@ def _overview(queries, mailbox):
     row = queries.execute(
         "SELECT min(uid) FROM messages WHERE mailbox = ? AND (sysflags & 1) = 0", (mailbox,)
     ).fetchone()
-    keywords = {}
-    for (words,) in queries.execute(
-        "SELECT DISTINCT keywords FROM messages WHERE mailbox = ? AND keywords != ''",
-        (mailbox,),
-    ):
-        for word in words.split(" "):
-            if word:
-                keywords.setdefault(word.lower(), word)
-    return {"first_unseen": row[0], "keywords": sorted(keywords.values(), key=str.lower)}
+    # Every keyword the mailbox has known, in use or not, as Dovecot lists them.
+    keywords = [name for _position, name in sorted(keyword_registry(queries, mailbox).values())]
+    return {"first_unseen": row[0], "keywords": keywords}
 
 
 def _vanished(queries, mailbox, modseq, ranges):
