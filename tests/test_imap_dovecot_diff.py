@@ -84,6 +84,19 @@ def append_all(conn, messages):
     return kept
 
 
+async def on_both(imap_server, tmp_path, script):
+    """``script(imaplib connection)`` run on a fresh Dovecot, then on leapmail:
+    ``(theirs, ours)``."""
+    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
+        def run_dovecot():
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
+            conn.login(dovecot.user, dovecot.password)
+            return script(conn)
+
+        theirs = await in_thread(run_dovecot)
+    return theirs, await in_thread(lambda: script(imap_server.imaplib()))
+
+
 @pytest_twisted.ensureDeferred
 async def test_fetch_matches_dovecot_for_the_corpus(imap_server, tmp_path):
     require_dovecot()
@@ -181,14 +194,7 @@ async def test_search_matches_dovecot_on_odd_encodings_and_addresses(imap_server
         conn.logout()
         return found
 
-    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
-        def run_dovecot():
-            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
-            conn.login(dovecot.user, dovecot.password)
-            return run(conn)
-
-        theirs = await in_thread(run_dovecot)
-    ours = await in_thread(lambda: run(imap_server.imaplib()))
+    theirs, ours = await on_both(imap_server, tmp_path, run)
     assert all(status == b"OK" for status, _ in theirs.values())
     assert ours == theirs
 
@@ -227,14 +233,7 @@ async def test_generated_odd_mail_matches_dovecot(imap_server, tmp_path):
         conn.logout()
         return kept, out, found
 
-    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
-        def run_dovecot():
-            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
-            conn.login(dovecot.user, dovecot.password)
-            return run(conn)
-
-        theirs = await in_thread(run_dovecot)
-    ours = await in_thread(lambda: run(imap_server.imaplib()))
+    theirs, ours = await on_both(imap_server, tmp_path, run)
     assert ours[0] == theirs[0]
     different = [(i + 1, o, t) for i, (o, t) in enumerate(zip(ours[1], theirs[1])) if o != t]
     assert not different, f"{len(different)} of {len(ours[1])} differ:\n" + "\n".join(
@@ -279,14 +278,7 @@ async def test_fetch_item_order_and_implicit_flags_match_dovecot(imap_server, tm
         conn.logout()
         return out
 
-    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
-        def run_dovecot():
-            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
-            conn.login(dovecot.user, dovecot.password)
-            return script(conn)
-
-        theirs = await in_thread(run_dovecot)
-    ours = await in_thread(lambda: script(imap_server.imaplib()))
+    theirs, ours = await on_both(imap_server, tmp_path, script)
     assert [o for o in ours if o not in theirs] == []
     assert ours == theirs
 
@@ -334,13 +326,6 @@ async def test_keyword_order_spelling_and_flags_news_match_dovecot(imap_server, 
         conn.logout()
         return out
 
-    with DovecotServer(str(tmp_path / "dovecot")) as dovecot:
-        def run_dovecot():
-            conn = imaplib.IMAP4(dovecot.host, dovecot.port)
-            conn.login(dovecot.user, dovecot.password)
-            return script(conn)
-
-        theirs = await in_thread(run_dovecot)
-    ours = await in_thread(lambda: script(imap_server.imaplib()))
+    theirs, ours = await on_both(imap_server, tmp_path, script)
     assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft Zeta Alpha mid Beta)" in ours
     assert ours == theirs
