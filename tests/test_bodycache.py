@@ -54,7 +54,8 @@ async def test_appended_messages_are_cached_whole_and_exact(account, layout):
     raws, view = await _append(account, [300, 5_000, 60_000, bodycache.MAX_SIZE + 1])
     cached = await _whole(account, view)
     # Everything up to MAX_SIZE, byte for byte; the bigger one is left to the documents.
-    assert cached == {uid: raw for uid, raw in zip(view.uids, raws) if len(raw) <= bodycache.MAX_SIZE}
+    assert cached == {uid: raw for uid, raw in zip(view.uids, raws)
+                      if len(raw) <= bodycache.MAX_SIZE}
     assert len(cached) == 3
     assert await _rows(account) == 3
 

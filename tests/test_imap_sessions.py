@@ -652,3 +652,28 @@ async def test_news_of_one_message_is_told_once_as_it_is_now(imap_server):
         b.raw.close()
 
     await in_thread(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_uid_of_a_message_expunged_elsewhere_but_not_yet_told(imap_server):
+    """imaptest's expunge script: until a command may tell the EXPUNGE, the session
+    still has the message, and its UID is answered (from what the session knows)."""
+    def body():
+        a, b = Wire(imap_server), Wire(imap_server)
+        for m in (M1, M2, M3):
+            a.append(b"INBOX", m)
+        a.ok(b"SELECT INBOX")
+        b.ok(b"SELECT INBOX")
+        a.ok(b"STORE 2 +FLAGS.SILENT (\\Deleted)")
+        a.ok(b"EXPUNGE")
+        assert b.run(b"FETCH 2 UID") == (b"OK", [b"* 2 FETCH (UID 2)",
+                                                 b"* 2 FETCH (FLAGS (\\Deleted))"])
+        assert b.run(b"FETCH 1:3 UID") == (b"OK", [b"* 1 FETCH (UID 1)", b"* 2 FETCH (UID 2)",
+                                                   b"* 3 FETCH (UID 3)"])
+        assert b.run(b"FETCH 2 (UID RFC822.SIZE)") == (b"OK", [])  # the rest is gone
+        assert b.run(b"NOOP") == (b"OK", [b"* 2 EXPUNGE"])
+        assert b.run(b"FETCH 2 UID") == (b"OK", [b"* 2 FETCH (UID 3)"])
+        a.raw.close()
+        b.raw.close()
+
+    await in_thread(body)

@@ -1086,6 +1086,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         want_content = fetchlib.needs_content(items)
         with_header = fetchlib.header_only(items)
         with_cache = fetchlib.whole_only(items)
+        uid_only = items == ["UID"]
         recent = set(view.recent)
         seq_of = view.seq_of
 
@@ -1113,9 +1114,17 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 if keep < len(metas):
                     rest = (metas[keep:], generation)
                     metas = metas[:keep]
-            return fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas], items,
-                                         recent, condstore, want_content, newly_seen,
-                                         with_header), rest
+            responses = fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas],
+                                              items, recent, condstore, want_content,
+                                              newly_seen, with_header)
+            if uid_only and len(metas) < len(batch):
+                # Expunged elsewhere, not yet told to this session (RFC 3501 7.4.1 holds
+                # the news back during FETCH): the session still knows its UID, which is
+                # all that is asked; Dovecot answers it too.
+                by_uid = dict(zip((m.uid for m in metas), responses))
+                responses = [by_uid.get(uid) or [b"* %d FETCH (UID %d)\r\n" % (seq_of(uid), uid)]
+                             for uid in batch if seq_of(uid) is not None]
+            return responses, rest
 
         position = 0
         pending = deque()
