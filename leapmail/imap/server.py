@@ -68,8 +68,10 @@ MAX_QUEUED = 64
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: Consecutive bad commands before the connection is closed (as Dovecot does).
 MAX_BAD_COMMANDS = 20
-#: Messages per store read while answering FETCH.
-FETCH_BATCH = 250
+#: Messages per store read while answering FETCH (metadata and headers; contents go
+#: by fetch.CONTENT_BATCH_BYTES).  Fewer, bigger reads: UID FETCH 1:* (FLAGS) of 10,000
+#: messages took 91 ms in reads of 250, 66 in reads of 1,000, 54 in reads of 2,500.
+FETCH_BATCH = 2000
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
@@ -1124,6 +1126,10 @@ class LeapIMAPServer(imap4.IMAP4Server):
                 by_uid = dict(zip((m.uid for m in metas), responses))
                 responses = [by_uid.get(uid) or [b"* %d FETCH (UID %d)\r\n" % (seq_of(uid), uid)]
                              for uid in batch if seq_of(uid) is not None]
+            if not any(isinstance(piece, fetchlib.Stream)
+                       for pieces in responses for piece in pieces):
+                # Joined here, on the reader thread: the reactor only writes it.
+                responses = [[b"".join(piece for pieces in responses for piece in pieces)]]
             return responses, rest
 
         position = 0
