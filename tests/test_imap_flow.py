@@ -147,3 +147,50 @@ async def test_fetch_of_contents_beyond_one_reads_budget_comes_whole_and_in_orde
     assert any(keep < total for keep, total in cuts)  # reads did stop at the budget
     # The metadata of what a read had no room for is carried, not read again.
     assert sum(metas_read) == len(messages) + len(wanted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_of_flags_alone_gives_the_bytes_of_the_general_path(imap_server,
+                                                                       monkeypatch):
+    """FETCH of FLAGS (with UID, MODSEQ) has its own lean read and rendering: the same
+    bytes as the general path, \\Recent, keywords in mailbox order and all."""
+    from leapmail.imap import fetch as fetchlib
+    from leapmail.imap import server as server_module
+
+    lean = []
+    read_flags = server_module.read_flags
+
+    def counted(queries, mailbox, uids):
+        lean.append(len(uids))
+        return read_flags(queries, mailbox, uids)
+
+    monkeypatch.setattr(server_module, "read_flags", counted)
+    commands = [b"FETCH 1:* (FLAGS)", b"UID FETCH 1:* (FLAGS)", b"FETCH 1:* (FLAGS UID)",
+                b"FETCH 2,4,9,30 FLAGS", b"UID FETCH 5:20 (MODSEQ FLAGS)",
+                b"FETCH 3:7 (UID MODSEQ FLAGS)"]
+
+    def client():
+        c = imap_server.raw()
+        for i in range(30):
+            raw = b"Subject: %d\r\n\r\nx" % i
+            c.command(b"a%d" % i, b"APPEND INBOX {%d+}\r\n%s" % (len(raw), raw))
+        c.command(b"s", b"SELECT INBOX")  # \Recent for this session
+        c.command(b"k1", b"STORE 3:9 +FLAGS (Zeta \\Seen)")
+        c.command(b"k2", b"STORE 5,7,30 +FLAGS (alpha $Label1 \\Flagged)")
+        c.command(b"k3", b"STORE 8 FLAGS (ZETA \\Answered \\Deleted \\Draft)")
+        out = [[c.response(b"p", b"FETCH 1:3 (FLAGS)")]]  # before CONDSTORE: no MODSEQ
+        c.command(b"e", b"ENABLE CONDSTORE")
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(fetchlib, "flags_only", lambda items: False)
+            out.append([c.response(b"f%d" % i, command) for i, command in enumerate(commands)])
+        c.close()
+        return out
+
+    plain, fast, general = await in_thread(client)
+    assert fast == general
+    assert plain == [b"* 1 FETCH (FLAGS (\\Recent))\r\n* 2 FETCH (FLAGS (\\Recent))\r\n"
+                     b"* 3 FETCH (FLAGS (\\Seen \\Recent Zeta))\r\np OK Fetch completed\r\n"]
+    assert b"* 8 FETCH (FLAGS (\\Answered \\Deleted \\Draft \\Recent Zeta))\r\n" in fast[0]
+    assert b"* 5 FETCH (UID 5 MODSEQ (" in fast[4]
+    assert sum(lean) == 3 + 30 + 30 + 30 + 4 + 16 + 5

@@ -335,6 +335,34 @@ def render_batch(queries, metas, seqs, items, recent, condstore, want_content,
     return responses
 
 
+#: Items a FETCH can answer from :func:`~leapmail.mail.session.read_flags` alone.
+FLAG_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})
+
+
+def flags_only(items):
+    """Whether ``items`` ask for FLAGS and nothing beyond UID and MODSEQ (what clients
+    ask at every resync): answered by :func:`render_flags`."""
+    return "FLAGS" in items and FLAG_ITEMS.issuperset(items)
+
+
+def render_flags(rows, seq_of, items, recent):
+    """The responses to a :func:`flags_only` FETCH for ``(uid, flags, modseq)`` rows,
+    as one string: the bytes :func:`render_message` would give, at a fraction of the
+    cost."""
+    out = []
+    for uid, flags, modseq in rows:
+        parts = []
+        for item in items:
+            if item == "UID":
+                parts.append(b"UID %d" % uid)
+            elif item == "FLAGS":
+                parts.append(b"FLAGS " + flag_list(flags, uid in recent))
+            else:
+                parts.append(b"MODSEQ (%d)" % modseq)
+        out.append(b"* %d FETCH (%s)\r\n" % (seq_of(uid), b" ".join(parts)))
+    return b"".join(out)
+
+
 #: Items Dovecot answers before the others, whatever their place in the request.
 _SHORT = frozenset({"UID", "FLAGS", "MODSEQ", "RFC822.SIZE", "INTERNALDATE"})
 

@@ -58,7 +58,7 @@ from leapmail.mail.errors import (
 )
 from leapmail.mail.message import MAX_MESSAGE_SIZE, iter_range
 from leapmail.mail.search import QueryError
-from leapmail.mail.session import read_meta
+from leapmail.mail.session import read_flags, read_meta
 
 #: Largest message APPEND accepts (advertised as APPENDLIMIT).
 APPENDLIMIT = MAX_MESSAGE_SIZE
@@ -1089,6 +1089,7 @@ class LeapIMAPServer(imap4.IMAP4Server):
         with_header = fetchlib.header_only(items)
         with_cache = fetchlib.whole_only(items)
         uid_only = items == ["UID"]
+        flags_only = fetchlib.flags_only(items)
         recent = set(view.recent)
         seq_of = view.seq_of
 
@@ -1102,6 +1103,9 @@ class LeapIMAPServer(imap4.IMAP4Server):
             size, ahead = fetchlib.CONTENT_BATCH, 1
 
         def job(queries, batch, carried=None):
+            if flags_only:
+                rows = read_flags(queries, mailbox_id, batch)
+                return [[fetchlib.render_flags(rows, seq_of, items, recent)]], None
             # The metadata of messages a contents batch had no room for is carried to
             # the next batch instead of read again: it is still true unless the store
             # was written to in between.

@@ -236,6 +236,39 @@ def read_meta(queries, mailbox, uids, with_header=False, with_cache=False):
     if with_cache:
         columns += ", b.pos, b.len"
         source += " LEFT JOIN body_cache b ON b.content_row = m.content_row"
+    result = _rows(queries, mailbox, uids, columns, source)
+    flags = _flag_lister(queries, mailbox)
+    return [MessageMeta(row[0], flags(row[1], row[2]), *row[3:]) for row in result]
+
+
+def read_flags(queries, mailbox, uids):
+    """``(uid, flags, modseq)`` for ``uids`` of a mailbox, ascending: what a FETCH of
+    FLAGS needs and no more (a store read job; a fifth of :func:`read_meta`'s cost)."""
+    flags = _flag_lister(queries, mailbox)
+    return [(uid, flags(bits, words), modseq) for uid, bits, words, modseq in _rows(
+        queries, mailbox, uids, "m.uid, m.sysflags, m.keywords, m.modseq", "messages m")]
+
+
+def _flag_lister(queries, mailbox):
+    """``flags(sysflags, keywords) -> tuple``: a message's flags as FETCH lists them
+    (keywords in the mailbox's order and spelling; its list read at first need)."""
+    registry = None
+
+    def flags(bits, words):
+        nonlocal registry
+        if not words:
+            return _SYSTEM[bits & 31]
+        if registry is None:
+            registry = keyword_registry(queries, mailbox)
+        return _SYSTEM[bits & 31] + tuple(
+            listed_keywords(registry, [w for w in words.split(" ") if w]))
+
+    return flags
+
+
+def _rows(queries, mailbox, uids, columns, source):
+    """Rows of ``columns`` (the first one ``m.uid``) for ``uids`` (ascending) of a
+    mailbox, in UID order."""
     result = []
     if uids and uids[-1] - uids[0] < 2 * len(uids):
         # Dense (the usual 1:*): one range scan of the (mailbox, uid) index beats a
@@ -253,17 +286,7 @@ def read_meta(queries, mailbox, uids, with_header=False, with_cache=False):
             "ORDER BY m.uid",
             (mailbox, *batch),
         ).fetchall()
-    registry = None
-    out = []
-    for row in result:
-        if not row[2]:
-            out.append(MessageMeta(row[0], _SYSTEM[row[1] & 31], *row[3:]))
-            continue
-        if registry is None:
-            registry = keyword_registry(queries, mailbox)
-        keywords = listed_keywords(registry, [w for w in row[2].split(" ") if w])
-        out.append(MessageMeta(row[0], _SYSTEM[row[1] & 31] + tuple(keywords), *row[3:]))
-    return out
+    return result
 
 
 def _highest_modseq(queries, mailbox, uids):
