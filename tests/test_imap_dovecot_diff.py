@@ -295,9 +295,12 @@ KEYWORD_COMMANDS = [
 
 def _comparable(line):
     """A response line without what legitimately differs: human text after a response
-    code, and the HIGHESTMODSEQ leapmail reports at every SELECT (RFC 7162 3.1.2.1)."""
+    code, UIDVALIDITY (each server picks its own), and the HIGHESTMODSEQ leapmail
+    reports at every SELECT (RFC 7162 3.1.2.1)."""
     if line.startswith(b"* OK [HIGHESTMODSEQ "):
         return None
+    if line.startswith(b"* OK [UIDVALIDITY "):
+        return b"* OK [UIDVALIDITY]"
     if line.startswith((b"* OK [", b"OK", b"NO", b"BAD")):
         return line[:line.index(b"]") + 1] if b"[" in line else line.split(b" ")[0]
     return line
