@@ -22,10 +22,9 @@ from leapmail.passphrase import read_passphrase
 from leapmail.runtime import freeze_startup_heap
 from leapmail.store import Store
 from leapmail.twistd import (
-    ConnectionTracker,
+    ListeningService,
     StartError,
     host_port,
-    listen,
     parse_address,
     parse_port,
     report_start_errors,
@@ -143,7 +142,7 @@ class StoreService(service.Service):
         return None
 
 
-class IMAPService(service.Service):
+class IMAPService(ListeningService):
     """Listens for IMAP clients once the account exists (after ``StoreService`` starts).
 
     Logs ``IMAP listening on HOST:PORT`` with the port actually bound, which is how a
@@ -151,6 +150,7 @@ class IMAPService(service.Service):
     """
 
     log = Logger()
+    close_grace = CLOSE_GRACE_SECONDS
 
     def __init__(self, store_service, interface, port, username, password,
                  context_factory=None, reactor=None):
@@ -161,8 +161,6 @@ class IMAPService(service.Service):
         self._password = password
         self._context_factory = context_factory
         self._reactor = reactor
-        self.port = None
-        self._connections = None
 
     def __repr__(self):
         return f"<IMAPService {host_port(self.interface, self.requested_port)}>"
@@ -181,24 +179,13 @@ class IMAPService(service.Service):
         factory = IMAPServerFactory(
             account, self._username, self._password, context_factory=self._context_factory
         )
-        self._connections = ConnectionTracker(factory, reactor)
-        self.port = listen(reactor, "IMAP", self.interface, self.requested_port,
-                           self._connections, self.log)
+        self.listen_on(reactor, "IMAP", self.interface, self.requested_port, factory)
         service.Service.startService(self)
         bound = self.port.getHost()
         if not ipaddress.ip_address(bound.host).is_loopback:
             self.log.warn(
                 "IMAP is reachable from other machines on {address}; mail clients there "
                 "should use STARTTLS", address=host_port(bound.host, bound.port))
-
-    @defer.inlineCallbacks
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            yield port.stopListening()
-        if self._connections is not None:
-            yield self._connections.close_all(CLOSE_GRACE_SECONDS)
 
 
 def _login_key(home, passphrase):

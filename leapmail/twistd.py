@@ -10,6 +10,7 @@ import ipaddress
 import re
 import sys
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
@@ -166,3 +167,28 @@ def report_start_errors(program):
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+class ListeningService(service.Service):
+    """A service that serves one port: :meth:`listen_on` when it starts; when it
+    stops, no new connection, then the open ones closed, after ``close_grace``
+    seconds for what they are in the middle of."""
+
+    close_grace = 0
+    port = None
+    _connections = None
+
+    def listen_on(self, reactor, name, interface, port, factory, tls=None):
+        self._connections = ConnectionTracker(factory, reactor)
+        self.port = listen(reactor, name, interface, port, self._connections, self.log,
+                           tls=tls)
+        return self.port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        if self._connections is not None:
+            yield self._connections.close_all(self.close_grace)

@@ -378,11 +378,12 @@ def _with_flags(items, condstore):
     """The items (in :func:`response_order`) of a message whose \\Seen this FETCH set:
     FLAGS too (RFC 3501 6.4.5), after the other short items, where Dovecot puts it;
     with CONDSTORE on, UID and MODSEQ as well (RFC 7162 3.1)."""
-    short = [item for item in items if item in _SHORT]
+    split = sum(1 for item in items if item in _SHORT)
+    short, rest = list(items[:split]), list(items[split:])
     if condstore and "UID" not in short:
         short.insert(0, "UID")
     if "FLAGS" not in short:
         short.append("FLAGS")
     if condstore and "MODSEQ" not in short:
         short.append("MODSEQ")
-    return short + list(items[len([i for i in items if i in _SHORT]):])
+    return short + rest

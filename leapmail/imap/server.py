@@ -1079,8 +1079,8 @@ class LeapIMAPServer(imap4.IMAP4Server):
         newly_seen = set()
         if fetchlib.sets_seen(items) and not view.readonly:
             for start in range(0, len(uids), FETCH_BATCH):
-                metas = await store.read(read_meta, mailbox_id, uids[start:start + FETCH_BATCH])
-                unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
+                rows = await store.read(read_flags, mailbox_id, uids[start:start + FETCH_BATCH])
+                unseen = [uid for uid, flags, _modseq in rows if "\\Seen" not in flags]
                 if unseen:
                     changed, _ = await view.store_flags(unseen, "add", ["\\Seen"])
                     view.forget_flag_changes({u: m for u, (_f, m) in changed.items()})
@@ -1103,6 +1103,12 @@ class LeapIMAPServer(imap4.IMAP4Server):
             size, ahead = fetchlib.CONTENT_BATCH, 1
 
         def job(queries, batch, carried=None):
+            if uid_only:
+                # The session knows its UIDs, also of a message expunged elsewhere and
+                # not told yet (RFC 3501 7.4.1 holds that news back during FETCH); Dovecot
+                # answers it too.  Nothing to read.
+                return [[b"".join(b"* %d FETCH (UID %d)\r\n" % (seq_of(uid), uid)
+                                  for uid in batch)]], None
             if flags_only:
                 rows = read_flags(queries, mailbox_id, batch)
                 return [[fetchlib.render_flags(rows, seq_of, items, recent)]], None
@@ -1123,13 +1129,6 @@ class LeapIMAPServer(imap4.IMAP4Server):
             responses = fetchlib.render_batch(queries, metas, [seq_of(m.uid) for m in metas],
                                               items, recent, condstore, want_content,
                                               newly_seen, with_header)
-            if uid_only and len(metas) < len(batch):
-                # Expunged elsewhere, not yet told to this session (RFC 3501 7.4.1 holds
-                # the news back during FETCH): the session still knows its UID, which is
-                # all that is asked; Dovecot answers it too.
-                by_uid = dict(zip((m.uid for m in metas), responses))
-                responses = [by_uid.get(uid) or [b"* %d FETCH (UID %d)\r\n" % (seq_of(uid), uid)]
-                             for uid in batch if seq_of(uid) is not None]
             if not any(isinstance(piece, fetchlib.Stream)
                        for pieces in responses for piece in pieces):
                 # Joined here, on the reader thread: the reactor only writes it.

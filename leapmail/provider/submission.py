@@ -36,7 +36,7 @@ from twisted.mail.smtp import rfc822date
 from leapmail.provider.api import device_of_token
 from leapmail.smtp.client import SMTPClientError, SMTPConnection
 from leapmail.smtp.protocol import Backend, Reply, SMTPServer
-from leapmail.twistd import ConnectionTracker, listen
+from leapmail.twistd import ListeningService
 
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024
 MAX_RECIPIENTS = 100
@@ -242,7 +242,7 @@ def _passed_back(code, text, who):
                  f"{who}: {code} {text}")
 
 
-class SubmissionService(service.Service):
+class SubmissionService(ListeningService):
     """Listens for devices submitting mail; logs ``submission listening on HOST:PORT``.
 
     Starts after the :class:`~leapmail.provider.service.ProviderService` whose storage
@@ -261,8 +261,6 @@ class SubmissionService(service.Service):
         self.max_size = max_size
         self._intake_factory = intake_factory
         self._reactor = reactor
-        self.port = None
-        self._connections = None
 
     def startService(self):
         reactor = self._reactor
@@ -284,16 +282,5 @@ class SubmissionService(service.Service):
         factory.buildProtocol = lambda addr: SMTPServer(
             backend, self.hostname, tls=self.tls, require_tls=True, max_size=self.max_size,
             max_recipients=MAX_RECIPIENTS)
-        self._connections = ConnectionTracker(factory, reactor)
-        self.port = listen(reactor, "submission", self.interface, self.requested_port,
-                           self._connections, self.log)
+        self.listen_on(reactor, "submission", self.interface, self.requested_port, factory)
         service.Service.startService(self)
-
-    @defer.inlineCallbacks
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            yield port.stopListening()
-        if self._connections is not None:
-            yield self._connections.close_all(0)

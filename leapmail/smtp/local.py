@@ -15,7 +15,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from leapmail.smtp.protocol import Backend, Reply, SMTPServer
-from leapmail.twistd import ConnectionTracker, StartError, host_port, listen
+from leapmail.twistd import ListeningService, StartError, host_port
 
 #: Recipients in one message.
 MAX_RECIPIENTS = 100
@@ -70,7 +70,7 @@ class _OutboxReceiver:
             self._writer.abort().addErrback(lambda f: None)
 
 
-class SMTPService(service.Service):
+class SMTPService(ListeningService):
     """Listens for mail clients once the account exists (after ``StoreService``).
 
     Logs ``SMTP listening on HOST:PORT`` with the port actually bound.
@@ -88,9 +88,7 @@ class SMTPService(service.Service):
         self._tls = context_factory
         self._relay_factory = relay_factory
         self._reactor = reactor
-        self.port = None
         self.relay = None
-        self._connections = None
 
     def __repr__(self):
         return f"<SMTPService {host_port(self.interface, self.requested_port)}>"
@@ -109,22 +107,17 @@ class SMTPService(service.Service):
             self.relay = self._relay_factory(outbox, self._store_service.account)
         backend = OutboxBackend(self.address, self._password, outbox, self.relay)
         loopback = ipaddress.ip_address(self.interface).is_loopback
-        self._connections = ConnectionTracker(_Factory(self, backend, loopback), reactor)
-        self.port = listen(reactor, "SMTP", self.interface, self.requested_port,
-                           self._connections, self.log)
+        self.listen_on(reactor, "SMTP", self.interface, self.requested_port,
+                       _Factory(self, backend, loopback))
         service.Service.startService(self)
         if self.relay is not None:
             self.relay.start()
 
     @defer.inlineCallbacks
     def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            yield port.stopListening()
-        if self._connections is not None:
-            # At once: a message not yet answered 250 is still the client's to send.
-            yield self._connections.close_all(0)
+        # Connections close at once (close_grace 0): a message not yet answered 250
+        # is still the client's to send.
+        yield ListeningService.stopService(self)
         if self.relay is not None:
             yield self.relay.stop()
 

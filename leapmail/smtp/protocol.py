@@ -217,6 +217,19 @@ class SMTPServer(protocol.Protocol, policies.TimeoutMixin):
     def _call(self, fn, *args, done):
         self._wait_for(defer.ensureDeferred(_call_async(fn, *args)), done)
 
+    def _ask(self, fn, *args, accepted):
+        """:meth:`_call` for a backend check: a :class:`Reply` it raises or returns is
+        the answer to the client, an error goes on up; else ``accepted(result)``."""
+        def done(result):
+            if isinstance(result, Reply):
+                self._reply(result.code, result.status, result.text)
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                accepted(result)
+
+        self._call(fn, *args, done=done)
+
     def _line(self, line):
         if self._auth_step is not None:
             step, self._auth_step = self._auth_step, None
@@ -434,16 +447,11 @@ class SMTPServer(protocol.Protocol, policies.TimeoutMixin):
                 return
         sender = address.decode("ascii")
 
-        def done(result):
-            if isinstance(result, Reply):
-                self._reply(result.code, result.status, result.text)
-            elif isinstance(result, Exception):
-                raise result
-            else:
-                self._mail_from = sender
-                self._reply(250, "2.1.0", "sender OK")
+        def accepted(_result):
+            self._mail_from = sender
+            self._reply(250, "2.1.0", "sender OK")
 
-        self._call(self.backend.check_sender, self._identity, sender, done=done)
+        self._ask(self.backend.check_sender, self._identity, sender, accepted=accepted)
 
     def do_RCPT(self, rest):
         if self._mail_from is None:
@@ -463,17 +471,12 @@ class SMTPServer(protocol.Protocol, policies.TimeoutMixin):
             return
         recipient = address.decode("ascii")
 
-        def done(result):
-            if isinstance(result, Reply):
-                self._reply(result.code, result.status, result.text)
-            elif isinstance(result, Exception):
-                raise result
-            else:
-                if recipient.lower() not in (r.lower() for r in self._recipients):
-                    self._recipients.append(recipient)
-                self._reply(250, "2.1.5", "recipient OK")
+        def accepted(_result):
+            if recipient.lower() not in (r.lower() for r in self._recipients):
+                self._recipients.append(recipient)
+            self._reply(250, "2.1.5", "recipient OK")
 
-        self._call(self.backend.check_recipient, self._identity, recipient, done=done)
+        self._ask(self.backend.check_recipient, self._identity, recipient, accepted=accepted)
 
     def do_DATA(self, rest):
         if self._mail_from is None or not self._recipients:

@@ -88,6 +88,9 @@ class _Collect(protocol.Protocol):
                 self.finished.errback(ProviderError(
                     f"the provider's answer is larger than {self.limit} bytes"))
             return
+        self._keep(data)
+
+    def _keep(self, data):
         self.parts.append(data)
 
     def connectionLost(self, reason):
@@ -109,14 +112,7 @@ class _Save(_Collect):
         super().__init__(finished, limit)
         self.sink = sink
 
-    def dataReceived(self, data):
-        self.size += len(data)
-        if self.size > self.limit:
-            self.transport.stopProducing()
-            if not self.finished.called:
-                self.finished.errback(ProviderError(
-                    f"the provider's answer is larger than {self.limit} bytes"))
-            return
+    def _keep(self, data):
         self.sink.write(data)
 
 
